@@ -1,0 +1,42 @@
+// Shared declarations for the MonoScore sufficient-statistics op.
+//
+// Every backend reduces a batch (acts: N x M, emb: N x d) to the same additive
+// statistics; monoloss_kernels/stats.py turns them into scores. With
+// b[n,k] = acts[n,k] - shift[k] (shift = acts[0], which keeps the sums small
+// for latents that sit far from zero) and e_hat the unit rows of emb:
+//   cross        (d, M) float32  sum_n e_hat[n] * b[n, :]
+//   unit_emb_sum (d,)   float64  sum_n e_hat[n]
+//   shift        (M,)   float32  acts[0] as float32
+//   act_range    (2, M) float32  per-latent min, max
+//   moments      (4, M) float64  sum b, sum b^2, and the same two sums over the
+//                                rows whose embedding has zero norm
+//   counts       (2,)   float64  N, number of rows with nonzero embedding norm
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace monoloss_kernels {
+
+using MonoScoreStats =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Shape/dtype/device checks shared by the CPU and CUDA implementations. The
+// Python wrapper validates first with friendlier messages; these are the
+// backstop for direct torch.ops calls.
+void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb);
+
+// 1 / ||emb[n]|| as float32 (0 for zero rows), computed in float64 so that
+// large fp32 rows cannot overflow the norm.
+at::Tensor row_inv_norm(const at::Tensor& emb);
+
+// Allocates the six outputs with their documented shapes and dtypes.
+MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb);
+
+MonoScoreStats monoscore_stats_cpu(const at::Tensor& acts, const at::Tensor& emb);
+#ifdef MONOLOSS_WITH_CUDA
+MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& emb);
+#endif
+
+}  // namespace monoloss_kernels

@@ -1,0 +1,54 @@
+// Op schemas and the device-independent helpers. Each device binds its
+// implementation with TORCH_LIBRARY_IMPL next to its kernel, so the dispatcher
+// picks the kernel by the inputs' device.
+#include "monoscore.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifdef MONOLOSS_PYTHON_MODULE
+#include <Python.h>
+// An importable (empty) module: importing monoloss_kernels._C runs the static
+// registrations below. Ops are reached through torch.ops.monoloss_kernels.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+#endif
+
+namespace monoloss_kernels {
+
+void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb) {
+  TORCH_CHECK(acts.dim() == 2, "monoscore_stats: acts must be 2-D (N, M), got ", acts.sizes());
+  TORCH_CHECK(emb.dim() == 2, "monoscore_stats: emb must be 2-D (N, d), got ", emb.sizes());
+  TORCH_CHECK(acts.size(0) == emb.size(0), "monoscore_stats: acts has N=", acts.size(0),
+              " rows but emb has ", emb.size(0));
+  TORCH_CHECK(acts.size(0) >= 1, "monoscore_stats: needs at least one row");
+  TORCH_CHECK(at::isFloatingType(acts.scalar_type()),
+              "monoscore_stats: acts must be floating point, got ", acts.scalar_type());
+  TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
+              "monoscore_stats: emb must be floating point, got ", emb.scalar_type());
+  TORCH_CHECK(acts.device() == emb.device(), "monoscore_stats: acts is on ", acts.device(),
+              " but emb is on ", emb.device());
+}
+
+at::Tensor row_inv_norm(const at::Tensor& emb) {
+  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, at::kDouble);
+  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).to(at::kFloat);
+}
+
+MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb) {
+  const int64_t M = acts.size(1), d = emb.size(1);
+  const auto f32 = acts.options().dtype(at::kFloat);
+  const auto f64 = acts.options().dtype(at::kDouble);
+  return {at::zeros({d, M}, f32), at::zeros({d}, f64), at::empty({M}, f32),
+          at::empty({2, M}, f32), at::zeros({4, M}, f64), at::empty({2}, f64)};
+}
+
+TORCH_LIBRARY(monoloss_kernels, m) {
+  m.def(
+      "monoscore_stats(Tensor acts, Tensor emb) -> (Tensor cross, Tensor unit_emb_sum, "
+      "Tensor shift, Tensor act_range, Tensor moments, Tensor counts)");
+}
+
+}  // namespace monoloss_kernels

@@ -1,0 +1,75 @@
+"""The one dispatch point: maps `backend=` to the function that fills `MonoScoreStats`."""
+
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import _extension
+from .stats import MonoScoreStats, torch_monoscore_stats
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+try:
+    from .ops.triton_monoscore_stats import triton_stats
+
+    TRITON_ERROR = None
+except ImportError as exc:  # triton is optional (e.g. macOS, Windows)
+    triton_stats = None
+    TRITON_ERROR = f"backend='triton' needs the triton package ({exc}); pip install triton"
+
+
+def _cpp_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
+    return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats(acts, emb))
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The backends that can run on tensors on `device`, fastest first."""
+    names = []
+    if device.type == "cuda":
+        if triton_stats is not None:
+            names.append("triton")
+        if _extension.has_kernel("CUDA"):
+            names.append("cuda")
+    elif device.type == "cpu":
+        if _extension.has_kernel("CPU"):
+            names.append("cpu")
+        if triton_stats is not None and _triton_runs_on(device):
+            names.append("triton")
+    names.append("torch")
+    return names
+
+
+def stats_function(backend: str, device: torch.device) -> Callable[[Tensor, Tensor], MonoScoreStats]:
+    """The statistics implementation for `backend` on `device`; clear error if unavailable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = available_backends(device)[0]
+    if backend == "torch":
+        return torch_monoscore_stats
+    if backend == "triton":
+        if triton_stats is None:
+            raise RuntimeError(TRITON_ERROR)
+        if not _triton_runs_on(device):
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
+                f"the inputs are on {device}"
+            )
+        return triton_stats
+    # "cpu" / "cuda": the same dispatcher op, whose kernel is chosen by the inputs' device.
+    if device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend} tensors; the inputs are on {device}")
+    if _extension.EXTENSION_ERROR is not None:
+        raise RuntimeError(_extension.EXTENSION_ERROR)
+    if not _extension.has_kernel(backend.upper()):
+        raise RuntimeError(
+            f"monoloss_kernels was built without {backend.upper()} kernels. Rebuild where nvcc and a "
+            "CUDA build of torch are present: MONOLOSS_FORCE_CUDA=1 pip install --no-build-isolation ."
+        )
+    return _cpp_stats

@@ -1,0 +1,27 @@
+"""Loads the compiled extension (monoloss_kernels._C) and says what it holds.
+
+Importing _C registers the C++ ops with the dispatcher. If it cannot be loaded
+(not built, or built against another torch), the package still imports: the
+Triton and torch backends keep working and asking for "cpu"/"cuda" raises
+`EXTENSION_ERROR`.
+"""
+
+import torch
+
+EXTENSION_ERROR = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.monoloss_kernels.*)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    EXTENSION_ERROR = (
+        f"monoloss_kernels._C could not be loaded ({exc}). Rebuild it against the torch you run "
+        f"(torch {torch.__version__}): pip install --no-build-isolation --force-reinstall ."
+    )
+
+STATS_OP = "monoloss_kernels::monoscore_stats"
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """True if the C++ op has an implementation for `dispatch_key` ("CPU" or "CUDA")."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(STATS_OP, dispatch_key)

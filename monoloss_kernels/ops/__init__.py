@@ -1,0 +1,1 @@
+"""Fused kernels written in Triton, one module per op."""

@@ -1,0 +1,95 @@
+"""Reference implementations: the O(N²) pairwise definition (ground truth for tests
+and benchmarks) and the published two-pass linear algorithm (the peer we
+benchmark against). Neither is used by `monoscore`."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def min_max_normalize(acts: Tensor) -> Tensor:
+    """ã = (a - min) / (max - min) per latent (column), NaN for constant latents."""
+    act_min = acts.amin(0, keepdim=True)
+    act_max = acts.amax(0, keepdim=True)
+    return (acts - act_min) / (act_max - act_min)
+
+
+def cosine_matrix(emb: Tensor) -> Tensor:
+    """s[n, m] = cos(emb[n], emb[m]), 0 where either row has zero norm."""
+    norm = torch.linalg.vector_norm(emb, dim=1, keepdim=True)
+    unit = torch.where(norm > 0, emb / torch.where(norm > 0, norm, 1), 0)
+    return unit @ unit.T
+
+
+@torch.no_grad()
+def pairwise_monoscore(acts: Tensor, emb: Tensor, *, block_rows: int = 1024) -> Tensor:
+    """MonoScore by its definition, summing over every pair n < m in float64.
+
+    MS[k] = Σ_{n<m} ã[n,k] ã[m,k] s[n,m] / Σ_{n<m} ã[n,k] ã[m,k], NaN where
+    the denominator is zero. O(N²·M) time, O(block_rows·N) extra memory.
+    Returns (M,) float64.
+    """
+    acts = acts.double()
+    emb = emb.double()
+    num_rows, num_latents = acts.shape
+    if num_rows < 2:
+        return torch.full((num_latents,), float("nan"), dtype=torch.float64, device=acts.device)
+    norm_acts = torch.nan_to_num(min_max_normalize(acts), nan=0.0)  # constant latents -> 0
+    sims = cosine_matrix(emb)
+    index = torch.arange(num_rows, device=acts.device)
+    numerator = torch.zeros(num_latents, dtype=torch.float64, device=acts.device)
+    denominator = torch.zeros_like(numerator)
+    for n0 in range(0, num_rows, block_rows):
+        rows = slice(n0, min(n0 + block_rows, num_rows))
+        later = (index[None, :] > index[rows, None]).double()  # (B, N): pairs n < m
+        weights_left = norm_acts[rows]  # (B, M): ã[n]
+        numerator += (weights_left * ((sims[rows] * later) @ norm_acts)).sum(0)
+        denominator += (weights_left * (later @ norm_acts)).sum(0)
+    safe = torch.where(denominator > 0, denominator, 1.0)
+    return torch.where(denominator > 0, numerator / safe, float("nan"))
+
+
+def published_monoscore(acts: Tensor, emb: Tensor, eps: float = 1e-8) -> Tensor:
+    """The published linear-time algorithm (MonoLoss paper code), with the
+    denominator Σ_{n<m} ã_n ã_m of the corrected paper.
+
+    Passes: min/max over acts, a normalised copy of acts, Σã and Σã² over that
+    copy, then the product p^T ã with the unit embeddings p. Exact when no
+    embedding row is zero (it subtracts Σã², not Σ‖p‖²ã²).
+    """
+    p = F.normalize(emb, p=2, dim=1, eps=eps)
+    act_min = acts.min(dim=0, keepdim=True)[0]
+    act_max = acts.max(dim=0, keepdim=True)[0]
+    a = (acts - act_min) / (act_max - act_min + eps)
+    cross = p.T @ a  # (d, M)
+    sum_a = a.sum(dim=0)
+    sum_a2 = (a * a).sum(dim=0)
+    numerator = 0.5 * ((cross * cross).sum(dim=0) - sum_a2)
+    denominator = 0.5 * (sum_a * sum_a - sum_a2)
+    return numerator / denominator
+
+
+@torch.no_grad()
+def closed_form_monoscore(acts: Tensor, emb: Tensor) -> Tensor:
+    """The linear closed form evaluated in float64: ½(‖Êᵀã‖² − Σ‖ê‖²ã²) / ½((Σã)² − Σã²).
+
+    Agrees with `pairwise_monoscore` to float64 rounding (tested) and runs in
+    O(N·M·d), so it stands in for the pairwise sum at large N. Returns (M,) float64.
+    """
+    acts = acts.double()
+    emb = emb.double()
+    num_latents = acts.shape[1]
+    if acts.shape[0] < 2:
+        return torch.full((num_latents,), float("nan"), dtype=torch.float64, device=acts.device)
+    norm_acts = torch.nan_to_num(min_max_normalize(acts), nan=0.0)
+    norm = torch.linalg.vector_norm(emb, dim=1, keepdim=True)
+    unit = torch.where(norm > 0, emb / torch.where(norm > 0, norm, 1), 0)
+    unit_weight = (norm[:, 0] > 0).double()  # ‖ê_n‖²
+    cross = unit.T @ norm_acts
+    sumsq = (norm_acts * norm_acts).sum(0)
+    numerator = (cross * cross).sum(0) - unit_weight @ (norm_acts * norm_acts)
+    sum_a = norm_acts.sum(0)
+    denominator = sum_a * sum_a - sumsq
+    # One nonzero ã gives exactly (Σã)² = Σã² in float64: the pairwise sum is 0.
+    defined = denominator > 1e-12 * sum_a * sum_a
+    return torch.where(defined, numerator / torch.where(defined, denominator, 1.0), float("nan"))

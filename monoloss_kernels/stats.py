@@ -1,0 +1,117 @@
+r"""The sufficient statistics of MonoScore, and `finalize`, which turns them into scores.
+
+Definition (A: N x M activations, E: N x d embeddings):
+
+    ã[n,k] = (A[n,k] - min_n A[:,k]) / (max_n A[:,k] - min_n A[:,k])
+    s[n,m] = cos(E[n], E[m])            (0 where either row has zero norm)
+    MS[k]  = Σ_{n<m} ã[n,k] ã[m,k] s[n,m] / Σ_{n<m} ã[n,k] ã[m,k]
+
+With Ê the unit rows (zero rows stay zero) and w[n] = ‖Ê[n]‖² ∈ {0, 1}:
+
+    2·numerator   = ‖Σ_n Ê[n] ã[n,k]‖² - Σ_n w[n] ã[n,k]²
+    2·denominator = (Σ_n ã[n,k])² - Σ_n ã[n,k]²
+
+Both are homogeneous of degree 2 in ã, so the scale 1/(max - min) cancels and
+ã may be replaced by a - min. The min is not known until the whole batch has
+been read, so the kernels accumulate sums of b = a - shift for a shift known up
+front (the first row, which keeps b small for latents far from 0) and
+`finalize` moves them to a - min in closed form, with δ = min - shift:
+
+    Σ (a - min)   = Σ b - N δ
+    Σ (a - min)²  = Σ b² - 2 δ Σ b + N δ²
+    Σ Ê (a - min) = Σ Ê b - δ Σ Ê
+
+Every backend (C++ CPU, CUDA, Triton, plain torch) fills the same
+`MonoScoreStats`; the statistics of disjoint row sets are additive once
+expressed with a common shift.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# A latent is undefined (NaN) when its denominator is zero: it is constant, or
+# fewer than two samples sit above its minimum. The denominator is computed
+# from float64 sums whose rounding is about N·2^-52·(Σã)², so "zero" means
+# below DEN_RTOL·N·(Σã)² -- far under any real pair's weight at float32 input.
+DEN_RTOL = 32 * torch.finfo(torch.float64).eps
+
+
+class MonoScoreStats(NamedTuple):
+    """Additive statistics of a batch; b = acts - shift, Ê = unit rows of emb."""
+
+    cross: Tensor  # (d, M) float32: Σ_n Ê[n] b[n, :]
+    unit_emb_sum: Tensor  # (d,) float64: Σ_n Ê[n]
+    shift: Tensor  # (M,) float32: the per-latent shift (acts[0])
+    act_range: Tensor  # (2, M) float32: per-latent min, max
+    moments: Tensor  # (4, M) float64: Σb, Σb², and both over zero-norm embedding rows
+    counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
+
+
+def finalize(stats: MonoScoreStats) -> Tensor:
+    """MonoScore per latent, (M,) float32, NaN where undefined. Differentiable."""
+    cross, unit_emb_sum, shift, act_range, moments, counts = stats
+    num_rows, num_unit_rows = counts[0], counts[1]
+    num_zero_rows = num_rows - num_unit_rows
+    act_min, act_max = act_range[0].double(), act_range[1].double()
+    delta = act_min - shift.double()  # (M,)
+    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = moments.unbind(0)
+
+    sum_a = sum_b - num_rows * delta  # Σ (a - min)
+    sumsq_a = sumsq_b - 2 * delta * sum_b + num_rows * delta**2  # Σ (a - min)²
+    zero_sumsq_a = zero_sumsq_b - 2 * delta * zero_sum_b + num_zero_rows * delta**2
+    cross_a = cross.double() - unit_emb_sum[:, None] * delta[None, :]  # Σ Ê (a - min)
+
+    numerator = (cross_a * cross_a).sum(0) - (sumsq_a - zero_sumsq_a)
+    denominator = sum_a * sum_a - sumsq_a
+    defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)
+    safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
+    score = torch.where(defined, numerator / safe_denominator, torch.full_like(numerator, float("nan")))
+    return score.float()
+
+
+def row_inv_norm(emb: Tensor) -> Tensor:
+    """1/‖emb[n]‖ as float32, 0 for zero rows (norm taken in float64: no overflow)."""
+    norm = torch.linalg.vector_norm(emb, dim=1, dtype=torch.float64)
+    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)).float()
+
+
+def empty_stats_like(acts: Tensor, emb: Tensor) -> MonoScoreStats:
+    """Outputs of the statistics op for these inputs, uninitialised (also the fake impl)."""
+    num_latents, dim = acts.shape[1], emb.shape[1]
+    f32 = dict(device=acts.device, dtype=torch.float32)
+    f64 = dict(device=acts.device, dtype=torch.float64)
+    return MonoScoreStats(
+        cross=acts.new_empty((dim, num_latents), **f32),
+        unit_emb_sum=acts.new_empty((dim,), **f64),
+        shift=acts.new_empty((num_latents,), **f32),
+        act_range=acts.new_empty((2, num_latents), **f32),
+        moments=acts.new_empty((4, num_latents), **f64),
+        counts=acts.new_empty((2,), **f64),
+    )
+
+
+def torch_monoscore_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
+    """The statistics in plain torch: the readable specification of the contract.
+
+    Materialises a float32 and a float64 copy of acts, so it is the slow path;
+    the C++/CUDA/Triton kernels compute the same numbers in one pass.
+    """
+    inv_norm = row_inv_norm(emb)
+    unit_emb = emb.float() * inv_norm[:, None]  # (N, d)
+    shift = acts[0].to(torch.float32, copy=True)  # must not alias acts
+    shifted = acts.float() - shift  # (N, M): b
+    zero_rows = inv_norm == 0
+    b = acts.double() - shift.double()  # exact for float32 inputs
+    b_zero = b[zero_rows]
+    moments = torch.stack([b.sum(0), (b * b).sum(0), b_zero.sum(0), (b_zero * b_zero).sum(0)])
+    counts = torch.stack([torch.tensor(float(acts.shape[0]), device=acts.device), (~zero_rows).sum().double()])
+    return MonoScoreStats(
+        cross=unit_emb.T @ shifted,
+        unit_emb_sum=unit_emb.sum(0, dtype=torch.float64),
+        shift=shift,
+        act_range=torch.stack([acts.amin(0), acts.amax(0)]).float(),
+        moments=moments,
+        counts=counts.double(),
+    )

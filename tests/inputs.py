@@ -1,0 +1,39 @@
+"""Random test inputs, including the adversarial cases every backend must get right.
+Never zeros: every case draws fresh random values from the given generator."""
+
+import torch
+
+
+def make_acts(case: str, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, m) float64 activations of the named kind."""
+    x = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    if case == "relu":  # ReLU-sparse, as SAE latents
+        return torch.relu(x)
+    if case == "negative":  # signed activations (JumpReLU pre-acts, raw neurons)
+        return x * 3 - 1
+    if case == "offset":  # values far from 0: cancellation in the shift by min
+        return 1000 + x
+    if case == "dead_constant":  # dead, constant and single-firing latents next to live ones
+        acts = torch.relu(x)
+        acts[:, 0] = 0.0  # dead
+        if m > 1:
+            acts[:, 1] = 2.5  # constant
+        if m > 2:
+            acts[:, 2] = 0.0  # exactly one sample fires: denominator 0
+            acts[n // 2, 2] = 1.7
+        if m > 3:
+            acts[:, 3] = 0.0  # exactly two samples fire: one pair
+            acts[1, 3], acts[n - 1, 3] = 0.4, 2.0
+        return acts
+    raise ValueError(case)
+
+
+def make_emb(case: str, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, d) float64 embeddings; "zero_dup" adds zero-norm and duplicated rows."""
+    emb = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    # A shared direction, as in CLIP features, makes cosines (and scores) large.
+    emb += 0.7 * torch.randn(1, d, generator=gen, dtype=torch.float64)
+    if case == "zero_dup":
+        emb[::5] = 0.0
+        emb[1::7] = emb[3]
+    return emb
