@@ -46,6 +46,8 @@ MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb) {
 }
 
 TORCH_LIBRARY(monoloss_kernels, m) {
+  // The fake (meta) implementation lives in Python; this tells torch where.
+  m.set_python_module("monoloss_kernels._extension");
   m.def(
       "monoscore_stats(Tensor acts, Tensor emb) -> (Tensor cross, Tensor unit_emb_sum, "
       "Tensor shift, Tensor act_range, Tensor moments, Tensor counts)");

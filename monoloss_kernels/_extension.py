@@ -8,6 +8,8 @@ Triton and torch backends keep working and asking for "cpu"/"cuda" raises
 
 import torch
 
+from .stats import empty_stats_like
+
 EXTENSION_ERROR = None
 try:
     from . import _C  # noqa: F401  (registers torch.ops.monoloss_kernels.*)
@@ -25,3 +27,10 @@ def has_kernel(dispatch_key: str) -> bool:
     if EXTENSION_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(STATS_OP, dispatch_key)
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake(STATS_OP)
+    def _monoscore_stats_fake(acts, emb):
+        return tuple(empty_stats_like(acts, emb))

@@ -8,23 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import monoloss_kernels  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-# (backend, device) pairs this machine can run: every backend on every device it supports.
-BACKEND_DEVICES = [
-    (backend, device)
-    for device in DEVICES
-    for backend in monoloss_kernels.available_backends(torch.device(device))
-]
-
-
-def backend_id(pair):
-    return f"{pair[0]}-{pair[1]}"
+from .helpers import BACKEND_DEVICES, backend_id  # noqa: E402
 
 
 @pytest.fixture(params=BACKEND_DEVICES, ids=backend_id)
 def backend_device(request):
+    """A (backend, device) pair this machine can run; every one is tested."""
     return request.param

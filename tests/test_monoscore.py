@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 import monoloss_kernels as mk
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore
 
-from .conftest import BACKEND_DEVICES, backend_id
-from .inputs import make_acts, make_emb
+from .helpers import BACKEND_DEVICES, backend_id, make_acts, make_emb
 
 # Absolute tolerance against the float64 pairwise MonoScore of the same
 # (already rounded) input values. float32 is the bound; half

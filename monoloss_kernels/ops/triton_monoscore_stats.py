@@ -42,14 +42,13 @@ DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
 def _monoscore_stats_kernel(
     acts_ptr, emb_ptr, inv_norm_ptr, shift_ptr,
     cross_ptr, moments_ptr, range_ptr,  # partials: (splits, d, M), (splits, 4, M), (splits, 2, M)
-    N, M, D, rows_per_split,
+    N, M, D, num_d_tiles, rows_per_split,
     stride_an, stride_am, stride_en, stride_ed,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
-    num_d_tiles = tl.cdiv(D, BLOCK_D)
     # d-tiles vary fastest, so the programs sharing a latent block run together.
     pid_m = pid // num_d_tiles
     pid_d = pid % num_d_tiles
@@ -120,11 +119,12 @@ def monoscore_stats_triton(
     moments_partial = torch.empty((num_splits, 4, num_latents), device=acts.device, dtype=torch.float64)
     range_partial = torch.empty((num_splits, 2, num_latents), **f32)
     if num_latents > 0:
-        grid = (triton.cdiv(num_latents, BLOCK_M) * max(triton.cdiv(dim, BLOCK_D), 1), num_splits)
+        num_d_tiles = max(triton.cdiv(dim, BLOCK_D), 1)  # d = 0 still needs the moments
+        grid = (triton.cdiv(num_latents, BLOCK_M) * num_d_tiles, num_splits)
         wrap_triton(_monoscore_stats_kernel)[grid](
             acts, emb, inv_norm, shift,
             cross_partial, moments_partial, range_partial,
-            num_rows, num_latents, dim, ROWS_PER_SPLIT,
+            num_rows, num_latents, dim, num_d_tiles, ROWS_PER_SPLIT,
             acts.stride(0), acts.stride(1), emb.stride(0), emb.stride(1),
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, DOT_PRECISION=DOT_PRECISION,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,

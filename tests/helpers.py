@@ -1,7 +1,24 @@
-"""Random test inputs, including the adversarial cases every backend must get right.
-Never zeros: every case draws fresh random values from the given generator."""
+"""Shared test helpers: the (backend, device) pairs to test, and random inputs,
+including the adversarial cases every backend must get right. Never zeros:
+every case draws fresh random values from the given generator."""
 
 import torch
+
+import monoloss_kernels
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (backend, device) pairs this machine can run: every backend on every device it supports.
+# (tests/conftest.py has set TRITON_INTERPRET=1 on machines without a GPU.)
+BACKEND_DEVICES = [
+    (backend, device)
+    for device in DEVICES
+    for backend in monoloss_kernels.available_backends(torch.device(device))
+]
+
+
+def backend_id(pair):
+    return f"{pair[0]}-{pair[1]}"
 
 
 def make_acts(case: str, n: int, m: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""The ops as the dispatcher sees them: registration, opcheck, torch.compile."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import monoloss_kernels as mk
+from monoloss_kernels import _extension
+from monoloss_kernels.stats import MonoScoreStats, finalize
+
+from .helpers import BACKEND_DEVICES, DEVICES, make_acts, make_emb
+
+STATS_OPS = {
+    "cpu": torch.ops.monoloss_kernels.monoscore_stats,
+    "cuda": torch.ops.monoloss_kernels.monoscore_stats,
+    "triton": torch.ops.monoloss_kernels.monoscore_stats_triton,
+}
+
+
+def test_extension_loaded():
+    assert _extension.EXTENSION_ERROR is None, _extension.EXTENSION_ERROR
+    assert _extension.has_kernel("CPU")
+
+
+def _nvcc_available():
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return shutil.which("nvcc") is not None or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+
+
+@pytest.mark.skipif(os.environ.get("MONOLOSS_SKIP_CUDA") == "1", reason="CUDA build switched off")
+def test_cuda_kernels_built_where_nvcc_exists():
+    """A quiet CPU-only build must fail CI: with nvcc and a CUDA torch, the CUDA kernel is registered."""
+    if torch.version.cuda is None or not _nvcc_available():
+        assert not _extension.has_kernel("CUDA")
+        return
+    assert _extension.has_kernel("CUDA"), "nvcc and a CUDA torch are present but _C has no CUDA kernel"
+
+
+@pytest.mark.parametrize(
+    "backend, device", [p for p in BACKEND_DEVICES if p[0] in STATS_OPS], ids=lambda x: str(x)
+)
+def test_opcheck(backend, device):
+    test_utils = "ALL"
+    if backend == "triton" and device == "cpu":
+        # The Triton interpreter runs kernels eagerly and cannot be traced by AOTAutograd;
+        # on a GPU the same test runs every check.
+        test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    gen = torch.Generator().manual_seed(4)
+    acts = make_acts("negative", 45, 37, gen).float().to(device)
+    emb = make_emb("zero_dup", 45, 19, gen).float().to(device)
+    torch.library.opcheck(STATS_OPS[backend], (acts, emb), test_utils=test_utils)
+    torch.library.opcheck(STATS_OPS[backend], (acts.half(), emb.double()), test_utils=test_utils)
+
+
+@pytest.mark.parametrize(
+    "backend, device", [p for p in BACKEND_DEVICES if p[0] in STATS_OPS], ids=lambda x: str(x)
+)
+def test_compile_fullgraph(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter cannot be traced by torch.compile; tested on GPUs")
+    gen = torch.Generator().manual_seed(6)
+    acts = make_acts("relu", 53, 29, gen).float().to(device)
+    emb = make_emb("plain", 53, 17, gen).float().to(device)
+    op = STATS_OPS[backend]
+
+    @torch.compile(fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    def scores(a, e):
+        return finalize(MonoScoreStats(*op(a, e)))
+
+    torch.testing.assert_close(scores(acts, emb), mk.monoscore(acts, emb, backend=backend), equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fake_shapes(device):
+    acts = torch.empty(11, 7, device="meta")
+    emb = torch.empty(11, 5, device="meta", dtype=torch.bfloat16)
+    for op in {id(o): o for o in STATS_OPS.values()}.values():
+        out = MonoScoreStats(*op(acts, emb))
+        assert out.cross.shape == (5, 7) and out.cross.dtype == torch.float32
+        assert out.unit_emb_sum.shape == (5,) and out.unit_emb_sum.dtype == torch.float64
+        assert out.shift.shape == (7,) and out.act_range.shape == (2, 7)
+        assert out.moments.shape == (4, 7) and out.moments.dtype == torch.float64
+        assert out.counts.shape == (2,)
