@@ -27,8 +27,9 @@ using MonoScoreStats =
 // backstop for direct torch.ops calls.
 void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb);
 
-// 1 / ||emb[n]|| as float32 (0 for zero rows), computed in float64 so that
-// large fp32 rows cannot overflow the norm.
+// 1 / ||emb[n]|| as float32: 0 for zero rows, NaN for rows whose norm is not
+// finite in float32 (NaN/Inf values, or overflow), which makes unit_emb_sum
+// non-finite: the Python wrapper then refuses emb.
 at::Tensor row_inv_norm(const at::Tensor& emb);
 
 // Allocates the six outputs with their documented shapes and dtypes.

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #ifdef MONOLOSS_PYTHON_MODULE
 #include <Python.h>
 // An importable (empty) module: importing monoloss_kernels._C runs the static
@@ -33,8 +35,12 @@ void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb) {
 }
 
 at::Tensor row_inv_norm(const at::Tensor& emb) {
-  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, at::kDouble);
-  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).to(at::kFloat);
+  const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
+  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kFloat);
+  // NaN (not 0) for rows with NaN/Inf values or a norm beyond float32, so that
+  // unit_emb_sum turns non-finite and the caller can refuse the input.
+  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm))
+      .masked_fill_(norm.isinf(), std::numeric_limits<float>::quiet_NaN());
 }
 
 MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb) {

@@ -21,16 +21,10 @@ def _check_tensor(name: str, x) -> None:
         )
 
 
-def _check_finite(name: str, x: Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf values")
-
-
 def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
     """Checks a dense (acts: N x M, emb: N x d) pair and returns it unchanged.
 
-    The finiteness of acts is checked after the kernels, from the statistics
-    (`check_acts_finite`), so that acts is read once.
+    NaN/Inf values are refused after the kernels (`check_stats_finite`).
     """
     _check_tensor("acts", acts)
     _check_tensor("emb", emb)
@@ -41,10 +35,19 @@ def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
         )
     if acts.device != emb.device:
         raise ValueError(f"acts and emb must be on the same device, got acts on {acts.device} and emb on {emb.device}")
-    _check_finite("emb", emb)
     return acts, emb
 
 
-def check_acts_finite(moments: Tensor) -> None:
-    """acts held NaN/Inf iff its float64 moments are not finite (|b|² < 1e77 for float32 b)."""
-    _check_finite("acts", moments)
+def check_stats_finite(stats, emb: Tensor) -> None:
+    """Refuses NaN/Inf inputs after the kernels, from the small statistics, so that
+    acts is read once: its float64 moments are finite iff acts is (|b|² < 1e77 for
+    float32 b), and unit_emb_sum iff every emb row has a finite float32 norm."""
+    if not bool(torch.isfinite(stats.moments).all()):
+        raise ValueError("acts contains NaN or Inf values")
+    if not bool(torch.isfinite(stats.unit_emb_sum).all()):
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError("emb contains NaN or Inf values")
+        raise ValueError(
+            "emb has rows whose norm overflows float32; rescale emb (cosine similarity "
+            "does not depend on the scale of a row)"
+        )

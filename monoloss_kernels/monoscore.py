@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import stats_function
-from ._validate import check_acts_finite, validate_dense
+from ._validate import check_stats_finite, validate_dense
 from .stats import finalize
 
 
@@ -38,5 +38,5 @@ def monoscore(acts: Tensor, emb: Tensor, *, backend: str = "auto") -> Tensor:
     if num_rows < 2:
         return torch.full((num_latents,), float("nan"), device=acts.device, dtype=torch.float32)
     stats = stats_function(backend, acts.device)(acts, emb)
-    check_acts_finite(stats.moments)
+    check_stats_finite(stats, emb)
     return finalize(stats)

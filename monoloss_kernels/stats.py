@@ -49,22 +49,36 @@ class MonoScoreStats(NamedTuple):
     counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
 
 
+def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
+    """The same statistics expressed with another per-latent shift (float64 result).
+
+    With δ = shift - stats.shift, b' = b - δ, so Σb' = Σb - Nδ,
+    Σb'² = Σb² - 2δΣb + Nδ² (likewise over zero-norm rows) and
+    Σ Ê b' = Σ Ê b - δ Σ Ê. Differentiable in every input.
+    """
+    num_rows, num_unit_rows = stats.counts[0], stats.counts[1]
+    num_zero_rows = num_rows - num_unit_rows
+    shift = shift.double()
+    delta = shift - stats.shift.double()  # (M,)
+    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = stats.moments.unbind(0)
+    moments = torch.stack([
+        sum_b - num_rows * delta,
+        sumsq_b - 2 * delta * sum_b + num_rows * delta * delta,
+        zero_sum_b - num_zero_rows * delta,
+        zero_sumsq_b - 2 * delta * zero_sum_b + num_zero_rows * delta * delta,
+    ])
+    cross = stats.cross.double() - stats.unit_emb_sum[:, None] * delta[None, :]
+    return stats._replace(cross=cross, shift=shift, moments=moments)
+
+
 def finalize(stats: MonoScoreStats) -> Tensor:
     """MonoScore per latent, (M,) float32, NaN where undefined. Differentiable."""
-    cross, unit_emb_sum, shift, act_range, moments, counts = stats
-    num_rows, num_unit_rows = counts[0], counts[1]
-    num_zero_rows = num_rows - num_unit_rows
-    act_min, act_max = act_range[0].double(), act_range[1].double()
-    delta = act_min - shift.double()  # (M,)
-    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = moments.unbind(0)
-
-    sum_a = sum_b - num_rows * delta  # Σ (a - min)
-    sumsq_a = sumsq_b - 2 * delta * sum_b + num_rows * delta**2  # Σ (a - min)²
-    zero_sumsq_a = zero_sumsq_b - 2 * delta * zero_sum_b + num_zero_rows * delta**2
-    cross_a = cross.double() - unit_emb_sum[:, None] * delta[None, :]  # Σ Ê (a - min)
-
-    numerator = (cross_a * cross_a).sum(0) - (sumsq_a - zero_sumsq_a)
+    act_min, act_max = stats.act_range[0], stats.act_range[1]
+    at_min = reshift(stats, act_min)  # b = a - min = ã·(max - min)
+    sum_a, sumsq_a, zero_sum_a, zero_sumsq_a = at_min.moments.unbind(0)
+    numerator = (at_min.cross * at_min.cross).sum(0) - (sumsq_a - zero_sumsq_a)
     denominator = sum_a * sum_a - sumsq_a
+    num_rows = stats.counts[0]
     defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)
     safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
     score = torch.where(defined, numerator / safe_denominator, torch.full_like(numerator, float("nan")))
@@ -72,9 +86,12 @@ def finalize(stats: MonoScoreStats) -> Tensor:
 
 
 def row_inv_norm(emb: Tensor) -> Tensor:
-    """1/‖emb[n]‖ as float32, 0 for zero rows (norm taken in float64: no overflow)."""
-    norm = torch.linalg.vector_norm(emb, dim=1, dtype=torch.float64)
-    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm)).float()
+    """1/‖emb[n]‖ as float32: 0 for zero rows, NaN where the norm is not finite in
+    float32 (NaN/Inf values or overflow), so that unit_emb_sum exposes bad rows."""
+    norm_dtype = torch.promote_types(emb.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(emb, dim=1, dtype=norm_dtype).float()
+    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+    return inv_norm.masked_fill(norm.isinf(), float("nan"))
 
 
 def empty_stats_like(acts: Tensor, emb: Tensor) -> MonoScoreStats:

@@ -30,6 +30,10 @@ def make_acts(case: str, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
         return x * 3 - 1
     if case == "offset":  # values far from 0: cancellation in the shift by min
         return 1000 + x
+    if case == "mixed_offset":  # far-from-0 latents next to ReLU ones
+        acts = torch.relu(x)
+        acts[:, ::3] = 1000 + x[:, ::3]
+        return acts
     if case == "dead_constant":  # dead, constant and single-firing latents next to live ones
         acts = torch.relu(x)
         acts[:, 0] = 0.0  # dead
