@@ -52,8 +52,9 @@ def _monoscore_stats_kernel(
     # d-tiles vary fastest, so the programs sharing a latent block run together.
     pid_m = pid // num_d_tiles
     pid_d = pid % num_d_tiles
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    # int64 offsets: offs * stride overflows int32 for strided inputs past 2^31 elements.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_d = (pid_d * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
     m_mask = offs_m < M
     d_mask = offs_d < D
     shift = tl.load(shift_ptr + offs_m, mask=m_mask, other=0.0)
@@ -91,7 +92,7 @@ def _monoscore_stats_kernel(
             act_min = tl.minimum(act_min, tl.min(tl.where(tile_mask, a, float("inf")), axis=0))
             act_max = tl.maximum(act_max, tl.max(tl.where(tile_mask, a, float("-inf")), axis=0))
 
-    cross_out = cross_ptr + split * D * M + offs_d[:, None].to(tl.int64) * M + offs_m[None, :]
+    cross_out = cross_ptr + split * D * M + offs_d[:, None] * M + offs_m[None, :]
     tl.store(cross_out, acc, mask=d_mask[:, None] & m_mask[None, :])
     if pid_d == 0:
         moments_out = moments_ptr + split * 4 * M + offs_m

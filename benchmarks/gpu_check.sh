@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one GPU check, run on a lent device machine in a single call:
+#   builds the extension against the machine's torch, runs the test suite on
+#   the GPU, measures accuracy, runs the benchmarks, and prints a short table last.
+# Everything worth keeping lands in $OUT (default: benchmarks/results/gpu-run).
+# Each step has its own time limit so that a hang in one still leaves the rest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-run}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+
+step() {  # step NAME SECONDS CMD...: runs CMD with a limit, logs to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  tail -n 25 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+
+# sm_90 only: this machine's GPU; the default list (8.0;9.0+PTX) would double the compile.
+step build 150 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 MONOLOSS_FORCE_CUDA=1 \
+  $PY -m pip install --no-build-isolation --no-deps -v -e .
+step tests 240 $PY -m pytest tests -q --maxfail=20 -rs -p no:cacheprovider
+step bench 150 $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json="$OUT/benchmark.json"
+step accuracy 45 $PY benchmarks/measure_accuracy.py --large
+
+echo "=== summary"
+cat "$OUT/steps.txt"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
+grep -E "cuda" "$OUT/accuracy.log" | sort -k6 -g | tail -n 4
+sed -n '/speedup/,$p' "$OUT/bench.log" | tail -n 40
