@@ -21,19 +21,22 @@ step() {  # step NAME SECONDS CMD...: runs CMD with a limit, logs to $OUT/NAME.l
   tail -n 25 "$OUT/$name.log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/steps.txt"
+$PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/steps.txt"
 
 # sm_90 only: this machine's GPU; the default list (8.0;9.0+PTX) would double the compile.
 step build 150 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=16 MONOLOSS_FORCE_CUDA=1 \
   $PY -m pip install --no-build-isolation --no-deps -v -e .
-step tests 240 $PY -m pytest tests -q --maxfail=20 -rs -p no:cacheprovider
-step bench 150 $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+step tests 200 $PY -m pytest tests -q --maxfail=20 -rs -p no:cacheprovider
+step bench 120 $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
   --benchmark-json="$OUT/benchmark.json"
-step accuracy 45 $PY benchmarks/measure_accuracy.py --large
+cp benchmarks/results/*/summary.json "$OUT/" 2>/dev/null
+step tune 90 $PY benchmarks/tune_triton.py
+step accuracy 40 $PY benchmarks/measure_accuracy.py --large
 
 echo "=== summary"
 cat "$OUT/steps.txt"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
 grep -E "cuda" "$OUT/accuracy.log" | sort -k6 -g | tail -n 4
 sed -n '/speedup/,$p' "$OUT/bench.log" | tail -n 40
+tail -n 14 "$OUT/tune.log"

@@ -13,6 +13,7 @@ Under TRITON_INTERPRET=1 (CPU) the dot is evaluated in float32 ("ieee").
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,18 +24,24 @@ from ..stats import MonoScoreStats, empty_stats_like, row_inv_norm
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile sizes. On Hopper a 128x128 fp32 accumulator over 8 warps with 32-row
-# steps keeps the tensor cores fed while the staged tiles (2 x 16 KiB per
-# stage) fit three pipeline stages in shared memory. The interpreter runs
-# programs one by one on numpy, where fewer, larger steps are faster.
-BLOCK_D = 32 if INTERPRET else 128
-BLOCK_M = 32 if INTERPRET else 128
-BLOCK_N = 32
-NUM_WARPS = 8
-NUM_STAGES = 3
-# Rows per split: bounds each float32 accumulation (accuracy) and adds
-# programs when d x M alone would not fill the GPU.
-ROWS_PER_SPLIT = 16384
+
+
+class KernelConfig(NamedTuple):
+    block_d: int  # rows of the cross tile (embedding dims) per program
+    block_m: int  # latents per program
+    block_n: int  # rows (samples) per step
+    num_warps: int
+    num_stages: int
+    rows_per_split: int  # bounds each float32 accumulation; more programs for small d x M
+
+
+# On Hopper a 128x128 fp32 accumulator over 8 warps with 32-row steps keeps the
+# tensor cores fed while the staged tiles (2 x 16 KiB per stage) fit three
+# pipeline stages in shared memory (benchmarks/tune_triton.py compares others).
+# The interpreter runs programs one by one on numpy: small tiles, few programs.
+GPU_CONFIG = KernelConfig(block_d=128, block_m=128, block_n=32, num_warps=8, num_stages=3, rows_per_split=16384)
+INTERPRETER_CONFIG = KernelConfig(block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384)
+CONFIG = INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG
 DOT_PRECISION = "ieee" if INTERPRET else "tf32x3"
 
 
@@ -105,30 +112,28 @@ def _monoscore_stats_kernel(
         tl.store(range_out + M, act_max, mask=m_mask)
 
 
-@triton_op("monoloss_kernels::monoscore_stats_triton", mutates_args=())
-def monoscore_stats_triton(
-    acts: torch.Tensor, emb: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`MonoScoreStats` of (acts, emb) computed by `_monoscore_stats_kernel`."""
+def stats_with_config(acts: torch.Tensor, emb: torch.Tensor, config: KernelConfig, launch=lambda kernel: kernel):
+    """The statistics tuple of (acts, emb) computed with `config`; `launch` wraps the
+    kernel (`wrap_triton` inside the op, so torch.compile can trace the launch)."""
     num_rows, num_latents = acts.shape
     dim = emb.shape[1]
     inv_norm = row_inv_norm(emb)
     shift = acts[0].to(torch.float32, copy=True)  # must not alias acts
-    num_splits = triton.cdiv(num_rows, ROWS_PER_SPLIT)
+    num_splits = triton.cdiv(num_rows, config.rows_per_split)
     f32 = dict(device=acts.device, dtype=torch.float32)
     cross_partial = torch.empty((num_splits, dim, num_latents), **f32)
     moments_partial = torch.empty((num_splits, 4, num_latents), device=acts.device, dtype=torch.float64)
     range_partial = torch.empty((num_splits, 2, num_latents), **f32)
     if num_latents > 0:
-        num_d_tiles = max(triton.cdiv(dim, BLOCK_D), 1)  # d = 0 still needs the moments
-        grid = (triton.cdiv(num_latents, BLOCK_M) * num_d_tiles, num_splits)
-        wrap_triton(_monoscore_stats_kernel)[grid](
+        num_d_tiles = max(triton.cdiv(dim, config.block_d), 1)  # d = 0 still needs the moments
+        grid = (triton.cdiv(num_latents, config.block_m) * num_d_tiles, num_splits)
+        launch(_monoscore_stats_kernel)[grid](
             acts, emb, inv_norm, shift,
             cross_partial, moments_partial, range_partial,
-            num_rows, num_latents, dim, num_d_tiles, ROWS_PER_SPLIT,
+            num_rows, num_latents, dim, num_d_tiles, config.rows_per_split,
             acts.stride(0), acts.stride(1), emb.stride(0), emb.stride(1),
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, DOT_PRECISION=DOT_PRECISION,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_M=config.block_m,
+            DOT_PRECISION=DOT_PRECISION, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     unit_emb_sum = (emb.float() * inv_norm[:, None]).sum(0, dtype=torch.float64)
     counts = torch.stack([
@@ -143,6 +148,14 @@ def monoscore_stats_triton(
         moments_partial.sum(0),
         counts,
     )
+
+
+@triton_op("monoloss_kernels::monoscore_stats_triton", mutates_args=())
+def monoscore_stats_triton(
+    acts: torch.Tensor, emb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MonoScoreStats` of (acts, emb) computed by `_monoscore_stats_kernel`."""
+    return stats_with_config(acts, emb, CONFIG, launch=wrap_triton)
 
 
 @monoscore_stats_triton.register_fake
