@@ -52,8 +52,11 @@ MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb) {
 }
 
 TORCH_LIBRARY(monoloss_kernels, m) {
-  // The fake (meta) implementation lives in Python; this tells torch where.
+#ifdef MONOLOSS_PYTHON_MODULE
+  // The fake (meta) implementation lives in Python; this tells torch where. Not
+  // in the CMake library: that module would load _C, a second registration.
   m.set_python_module("monoloss_kernels._extension");
+#endif
   m.def(
       "monoscore_stats(Tensor acts, Tensor emb) -> (Tensor cross, Tensor unit_emb_sum, "
       "Tensor shift, Tensor act_range, Tensor moments, Tensor counts)");
