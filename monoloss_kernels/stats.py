@@ -49,6 +49,19 @@ class MonoScoreStats(NamedTuple):
     counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
 
 
+def _reshift_moments(stats: MonoScoreStats, delta: Tensor) -> Tensor:
+    """(4, M) float64 moments of b - delta."""
+    num_rows, num_unit_rows = stats.counts[0], stats.counts[1]
+    num_zero_rows = num_rows - num_unit_rows
+    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = stats.moments.unbind(0)
+    return torch.stack([
+        sum_b - num_rows * delta,
+        sumsq_b - 2 * delta * sum_b + num_rows * delta * delta,
+        zero_sum_b - num_zero_rows * delta,
+        zero_sumsq_b - 2 * delta * zero_sum_b + num_zero_rows * delta * delta,
+    ])
+
+
 def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
     """The same statistics expressed with another per-latent shift (float64 result).
 
@@ -56,27 +69,25 @@ def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
     Σb'² = Σb² - 2δΣb + Nδ² (likewise over zero-norm rows) and
     Σ Ê b' = Σ Ê b - δ Σ Ê. Differentiable in every input.
     """
-    num_rows, num_unit_rows = stats.counts[0], stats.counts[1]
-    num_zero_rows = num_rows - num_unit_rows
     shift = shift.double()
     delta = shift - stats.shift.double()  # (M,)
-    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = stats.moments.unbind(0)
-    moments = torch.stack([
-        sum_b - num_rows * delta,
-        sumsq_b - 2 * delta * sum_b + num_rows * delta * delta,
-        zero_sum_b - num_zero_rows * delta,
-        zero_sumsq_b - 2 * delta * zero_sum_b + num_zero_rows * delta * delta,
-    ])
     cross = stats.cross.double() - stats.unit_emb_sum[:, None] * delta[None, :]
-    return stats._replace(cross=cross, shift=shift, moments=moments)
+    return stats._replace(cross=cross, shift=shift, moments=_reshift_moments(stats, delta))
 
 
 def finalize(stats: MonoScoreStats) -> Tensor:
-    """MonoScore per latent, (M,) float32, NaN where undefined. Differentiable."""
+    """MonoScore per latent, (M,) float32, NaN where undefined. Differentiable.
+
+    Works at the shift b = a - min (= ã·(max - min)). Σ Ê b is formed in the
+    float32 of `cross` (the shift is at most a few ranges, so nothing cancels;
+    the expanded ‖cross‖² - 2δΣêᵀcross + δ²‖Σê‖² would) and squared in float64.
+    """
     act_min, act_max = stats.act_range[0], stats.act_range[1]
-    at_min = reshift(stats, act_min)  # b = a - min = ã·(max - min)
-    sum_a, sumsq_a, zero_sum_a, zero_sumsq_a = at_min.moments.unbind(0)
-    numerator = (at_min.cross * at_min.cross).sum(0) - (sumsq_a - zero_sumsq_a)
+    delta = act_min.double() - stats.shift.double()  # (M,)
+    sum_a, sumsq_a, zero_sum_a, zero_sumsq_a = _reshift_moments(stats, delta).unbind(0)
+    cross_at_min = stats.cross - (stats.unit_emb_sum[:, None] * delta[None, :]).to(stats.cross.dtype)
+    cross_at_min_sq = cross_at_min.square().sum(0, dtype=torch.float64)
+    numerator = cross_at_min_sq - (sumsq_a - zero_sumsq_a)
     denominator = sum_a * sum_a - sumsq_a
     num_rows = stats.counts[0]
     defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)

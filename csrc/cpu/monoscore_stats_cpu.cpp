@@ -59,7 +59,7 @@ struct LatentAccumulators {
 // float64 lanes of the baseline x86-64 build.
 template <typename scalar_t, bool kUnitStride, bool kStage, int kRows>
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 void reduce_rows(const scalar_t* __restrict__ rows, int64_t row_stride, int64_t col_stride,
                  int64_t k0, int64_t k1, const float* __restrict__ shift,
