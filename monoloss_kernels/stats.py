@@ -36,6 +36,8 @@ from torch import Tensor
 # from float64 sums whose rounding is about N·2^-52·(Σã)², so "zero" means
 # below DEN_RTOL·N·(Σã)² -- far under any real pair's weight at float32 input.
 DEN_RTOL = 32 * torch.finfo(torch.float64).eps
+# Rows per float32 product in the plain-torch statistics (see torch_monoscore_stats).
+TORCH_ROWS_PER_PRODUCT = 8192
 
 
 class MonoScoreStats(NamedTuple):
@@ -135,8 +137,14 @@ def torch_monoscore_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
     b_zero = b[zero_rows]
     moments = torch.stack([b.sum(0), (b * b).sum(0), b_zero.sum(0), (b_zero * b_zero).sum(0)])
     counts = torch.stack([torch.tensor(float(acts.shape[0]), device=acts.device), (~zero_rows).sum().double()])
+    # float32 products over row blocks, summed in float64: one float32 accumulation
+    # over all N rows (cuBLAS, N = 65536) drifts past the 2e-5 bound.
+    cross = sum(
+        (unit_emb[n0 : n0 + TORCH_ROWS_PER_PRODUCT].T @ shifted[n0 : n0 + TORCH_ROWS_PER_PRODUCT]).double()
+        for n0 in range(0, acts.shape[0], TORCH_ROWS_PER_PRODUCT)
+    )
     return MonoScoreStats(
-        cross=unit_emb.T @ shifted,
+        cross=cross.float(),
         unit_emb_sum=unit_emb.sum(0, dtype=torch.float64),
         shift=shift,
         act_range=torch.stack([acts.amin(0), acts.amax(0)]).float(),

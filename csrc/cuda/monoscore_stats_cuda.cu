@@ -83,15 +83,12 @@ using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, w
 using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
 
-// Splits a fragment x (float32 values) into tf32 hi and lo parts, x ~ hi + lo.
-template <typename Frag>
-__device__ __forceinline__ void split_tf32(const Frag& x, Frag& hi, Frag& lo) {
-#pragma unroll
-  for (int t = 0; t < x.num_elements; ++t) {
-    const float h = wmma::__float_to_tf32(x.x[t]);
-    hi.x[t] = h;
-    lo.x[t] = wmma::__float_to_tf32(x.x[t] - h);
-  }
+// x ~ hi + lo with hi, lo exactly representable in tf32. Done while staging the
+// tiles in shared memory, not on loaded fragments: a tf32 fragment load may
+// already drop the low mantissa bits, which would leave lo = 0 (plain TF32).
+__device__ __forceinline__ void split_tf32(float x, float& hi, float& lo) {
+  hi = wmma::__float_to_tf32(x);
+  lo = wmma::__float_to_tf32(x - hi);
 }
 
 template <typename scalar_t>
@@ -101,8 +98,11 @@ __global__ void __launch_bounds__(kCrossThreads)
                  int64_t D, const float* __restrict__ inv_norm, const float* __restrict__ shift,
                  float* __restrict__ cross_partial) {  // (splits, d, M)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  __shared__ __align__(128) float emb_tile[kTileN][kTileD + kPad];   // [n][d]
-  __shared__ __align__(128) float acts_tile[kTileN][kTileM + kPad];  // [n][latent]
+  // hi and lo tf32 parts of the staged rows.
+  __shared__ __align__(128) float emb_hi[kTileN][kTileD + kPad];   // [n][d]
+  __shared__ __align__(128) float emb_lo[kTileN][kTileD + kPad];
+  __shared__ __align__(128) float acts_hi[kTileN][kTileM + kPad];  // [n][latent]
+  __shared__ __align__(128) float acts_lo[kTileN][kTileM + kPad];
   __shared__ __align__(128) float staging[kCrossThreads / 32][16 * 16];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -127,13 +127,14 @@ __global__ void __launch_bounds__(kCrossThreads)
       const int64_t n = n0 + r, m = m0 + col;
       float v = 0.0f;
       if (n < n_end && m < M) v = static_cast<float>(acts[n * stride_n + m * stride_m]) - shift[m];
-      acts_tile[r][col] = v;
+      split_tf32(v, acts_hi[r][col], acts_lo[r][col]);
     }
 #pragma unroll
     for (int e = threadIdx.x; e < kTileN * kTileD; e += kCrossThreads) {
       const int r = e / kTileD, col = e % kTileD;
       const int64_t n = n0 + r, dd = d0 + col;
-      emb_tile[r][col] = (n < n_end && dd < D) ? emb[n * D + dd] * inv_norm[n] : 0.0f;
+      const float v = (n < n_end && dd < D) ? emb[n * D + dd] * inv_norm[n] : 0.0f;
+      split_tf32(v, emb_hi[r][col], emb_lo[r][col]);
     }
     __syncthreads();
 #pragma unroll
@@ -141,17 +142,16 @@ __global__ void __launch_bounds__(kCrossThreads)
       FragB b_hi[kWarpTilesM], b_lo[kWarpTilesM];
 #pragma unroll
       for (int j = 0; j < kWarpTilesM; ++j) {
-        FragB b;
-        wmma::load_matrix_sync(b, &acts_tile[k][warp_m * 32 + j * 16], kTileM + kPad);
-        split_tf32(b, b_hi[j], b_lo[j]);
+        wmma::load_matrix_sync(b_hi[j], &acts_hi[k][warp_m * 32 + j * 16], kTileM + kPad);
+        wmma::load_matrix_sync(b_lo[j], &acts_lo[k][warp_m * 32 + j * 16], kTileM + kPad);
       }
 #pragma unroll
       for (int i = 0; i < kWarpTilesD; ++i) {
-        FragA a, a_hi, a_lo;
-        // matrix_a is unit_emb^T (d x n): element (i, kk) sits at emb_tile[kk][i],
+        FragA a_hi, a_lo;
+        // matrix_a is unit_emb^T (d x n): element (i, kk) sits at emb_*[kk][i],
         // i.e. column-major with leading dimension kTileD + kPad.
-        wmma::load_matrix_sync(a, &emb_tile[k][warp_d * 64 + i * 16], kTileD + kPad);
-        split_tf32(a, a_hi, a_lo);
+        wmma::load_matrix_sync(a_hi, &emb_hi[k][warp_d * 64 + i * 16], kTileD + kPad);
+        wmma::load_matrix_sync(a_lo, &emb_lo[k][warp_d * 64 + i * 16], kTileD + kPad);
 #pragma unroll
         for (int j = 0; j < kWarpTilesM; ++j) {
           wmma::mma_sync(acc[i][j], a_lo, b_hi[j], acc[i][j]);
