@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 
 #ifdef MONOLOSS_PYTHON_MODULE
 #include <Python.h>
@@ -20,18 +21,33 @@ extern "C" PyObject* PyInit__C(void) {
 
 namespace monoloss_kernels {
 
+namespace {
+
+// Error messages are assembled from strings only (std::to_string, no numbers
+// streamed into c10::str): on one GPU image (torch 2.11, g++ 13) streaming an
+// integer from this library crashed inside libstdc++'s locale code.
+std::string shape_str(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + ")";
+}
+
+}  // namespace
+
 void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb) {
-  TORCH_CHECK(acts.dim() == 2, "monoscore_stats: acts must be 2-D (N, M), got ", acts.sizes());
-  TORCH_CHECK(emb.dim() == 2, "monoscore_stats: emb must be 2-D (N, d), got ", emb.sizes());
-  TORCH_CHECK(acts.size(0) == emb.size(0), "monoscore_stats: acts has N=", acts.size(0),
-              " rows but emb has ", emb.size(0));
+  TORCH_CHECK(acts.dim() == 2, "monoscore_stats: acts must be 2-D (N, M), got shape " + shape_str(acts));
+  TORCH_CHECK(emb.dim() == 2, "monoscore_stats: emb must be 2-D (N, d), got shape " + shape_str(emb));
+  TORCH_CHECK(acts.size(0) == emb.size(0), "monoscore_stats: acts has N=" + std::to_string(acts.size(0)) +
+                                               " rows but emb has " + std::to_string(emb.size(0)));
   TORCH_CHECK(acts.size(0) >= 1, "monoscore_stats: needs at least one row");
   TORCH_CHECK(at::isFloatingType(acts.scalar_type()),
-              "monoscore_stats: acts must be floating point, got ", acts.scalar_type());
+              std::string("monoscore_stats: acts must be floating point, got ") +
+                  c10::toString(acts.scalar_type()));
   TORCH_CHECK(at::isFloatingType(emb.scalar_type()),
-              "monoscore_stats: emb must be floating point, got ", emb.scalar_type());
-  TORCH_CHECK(acts.device() == emb.device(), "monoscore_stats: acts is on ", acts.device(),
-              " but emb is on ", emb.device());
+              std::string("monoscore_stats: emb must be floating point, got ") +
+                  c10::toString(emb.scalar_type()));
+  TORCH_CHECK(acts.device() == emb.device(), "monoscore_stats: acts is on " + acts.device().str() +
+                                                 " but emb is on " + emb.device().str());
 }
 
 at::Tensor row_inv_norm(const at::Tensor& emb) {

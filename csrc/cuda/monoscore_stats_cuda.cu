@@ -18,6 +18,9 @@
 #include <mma.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace monoloss_kernels {
 namespace {
 
@@ -184,6 +187,61 @@ __global__ void __launch_bounds__(kCrossThreads)
 #endif
 }
 
+// Plain float32 FMA version of cross_kernel: 64 (d) x 64 (latents) per block,
+// 16 x 16 threads owning 4 x 4 outputs each, 16 rows per step.
+constexpr int kSimtTile = 64;
+constexpr int kSimtStep = 16;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kCrossThreads)
+    cross_simt_kernel(const scalar_t* __restrict__ acts, int64_t N, int64_t M, int64_t stride_n,
+                      int64_t stride_m, const float* __restrict__ emb, int64_t D,
+                      const float* __restrict__ inv_norm, const float* __restrict__ shift,
+                      float* __restrict__ cross_partial) {
+  __shared__ float emb_tile[kSimtStep][kSimtTile];   // [n][d]
+  __shared__ float acts_tile[kSimtStep][kSimtTile];  // [n][latent]
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kSimtTile;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kSimtTile;
+  const int64_t split = blockIdx.z;
+  const int64_t n_begin = split * kCrossRowsPerSplit;
+  const int64_t n_end = N < n_begin + kCrossRowsPerSplit ? N : n_begin + kCrossRowsPerSplit;
+  float acc[4][4] = {};
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kSimtStep) {
+    for (int e = threadIdx.x; e < kSimtStep * kSimtTile; e += kCrossThreads) {
+      const int r = e / kSimtTile, col = e % kSimtTile;
+      const int64_t n = n0 + r, m = m0 + col, dd = d0 + col;
+      acts_tile[r][col] = (n < n_end && m < M)
+                              ? static_cast<float>(acts[n * stride_n + m * stride_m]) - shift[m]
+                              : 0.0f;
+      emb_tile[r][col] = (n < n_end && dd < D) ? emb[n * D + dd] * inv_norm[n] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kSimtStep; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = emb_tile[k][ty * 4 + i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = acts_tile[k][tx * 4 + j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  float* out = cross_partial + split * D * M;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t dd = d0 + ty * 4 + i, m = m0 + tx * 4 + j;
+      if (dd < D && m < M) out[dd * M + m] = acc[i][j];
+    }
+  }
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -195,7 +253,8 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor,
                                         acts.device().index()));
   TORCH_CHECK(cc_major >= 8, "monoscore_stats: the CUDA kernels need compute capability 8.0+ "
-              "(tensor-core TF32), this GPU is sm_", cc_major, "x; use backend='triton' or 'torch'");
+              "(tensor-core TF32), this GPU is sm_" + std::to_string(cc_major) +
+              "x; use backend='triton' or 'torch'");
   auto [cross, unit_emb_sum, shift, act_range, moments, counts] = empty_stats(acts, emb);
   const int64_t N = acts.size(0), M = acts.size(1), D = emb.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -209,8 +268,8 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
   if (M == 0) return {cross, unit_emb_sum, shift, act_range, moments, counts};
 
   const int64_t moment_splits = ceil_div(N, kMomentsRowsPerSplit);
-  TORCH_CHECK(moment_splits <= 65535, "monoscore_stats: N=", N, " is too large for one call; "
-              "stream it through MonoScoreAccumulator");
+  TORCH_CHECK(moment_splits <= 65535, "monoscore_stats: N=" + std::to_string(N) +
+              " is too large for one call; split it into batches");
   at::Tensor moments_partial = at::empty({moment_splits, 4, M}, moments.options());
   at::Tensor range_partial = at::empty({moment_splits, 2, M}, act_range.options());
   const int64_t cross_splits = ceil_div(N, kCrossRowsPerSplit);
@@ -224,7 +283,15 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
         shift.const_data_ptr<float>(), inv_norm.const_data_ptr<float>(),
         moments_partial.data_ptr<double>(), range_partial.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (D > 0) {
+    const char* cross_variant = std::getenv("MONOLOSS_CUDA_CROSS");  // diagnostic switch
+    if (D > 0 && cross_variant != nullptr && std::string(cross_variant) == "simt") {
+      const dim3 cross_grid(ceil_div(M, kSimtTile), ceil_div(D, kSimtTile), cross_splits);
+      cross_simt_kernel<scalar_t><<<cross_grid, kCrossThreads, 0, stream>>>(
+          acts.const_data_ptr<scalar_t>(), N, M, acts.stride(0), acts.stride(1),
+          emb_f32.const_data_ptr<float>(), D, inv_norm.const_data_ptr<float>(),
+          shift.const_data_ptr<float>(), cross_partial.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (D > 0) {
       const dim3 cross_grid(ceil_div(M, kTileM), ceil_div(D, kTileD), cross_splits);
       cross_kernel<scalar_t><<<cross_grid, kCrossThreads, 0, stream>>>(
           acts.const_data_ptr<scalar_t>(), N, M, acts.stride(0), acts.stride(1),

@@ -37,14 +37,15 @@ class KernelConfig(NamedTuple):
     split: str  # how the float32 product keeps float32 accuracy: "tf32x3", "bf16x6" (or "ieee")
 
 
-# GPU tiles: the fastest of benchmarks/tune_triton.py's candidates on an H200
-# (N=65536, M=8192, d=768; benchmarks/results/). The interpreter runs programs
-# one by one on numpy: small tiles, few programs, plain float32 products.
+# GPU tiles and split: the fastest of benchmarks/tune_triton.py's candidates on
+# an H200 (N=65536, M=8192, d=768): bf16x6 64x128/4 warps 23.7 ms; the best
+# tf32x3 33.4 ms (tf32 operands must be K-major, acts' tiles are not). The
+# interpreter runs programs one by one on numpy: small tiles, same split.
 GPU_CONFIG = KernelConfig(
-    block_d=128, block_m=64, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384, split="tf32x3"
+    block_d=64, block_m=128, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384, split="bf16x6"
 )
 INTERPRETER_CONFIG = KernelConfig(
-    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384, split="ieee"
+    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384, split="bf16x6"
 )
 CONFIG = INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG
 
@@ -60,12 +61,17 @@ def _split_bf16x3(x):
 
 
 @triton.jit
-def _dot_bf16x6(a, b, acc):
+def _dot_bf16x6(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b at float32 accuracy from six bfloat16 products (the terms of
     (hi + mid + lo)(hi + mid + lo) above 2^-24), smallest first. Unlike tf32,
-    bfloat16 tensor-core operands may be MN-major, as acts' tiles are."""
+    bfloat16 tensor-core operands may be MN-major, as acts' tiles are.
+    UPCAST (the interpreter, whose bfloat16 dot is wrong) multiplies the same
+    bfloat16 parts in float32, which is exact, so the split is tested on CPUs."""
     a_hi, a_mid, a_lo = _split_bf16x3(a)
     b_hi, b_mid, b_lo = _split_bf16x3(b)
+    if UPCAST:
+        a_hi, a_mid, a_lo = a_hi.to(tl.float32), a_mid.to(tl.float32), a_lo.to(tl.float32)
+        b_hi, b_mid, b_lo = b_hi.to(tl.float32), b_mid.to(tl.float32), b_lo.to(tl.float32)
     acc = tl.dot(a_lo, b_hi, acc)
     acc = tl.dot(a_hi, b_lo, acc)
     acc = tl.dot(a_mid, b_mid, acc)
@@ -81,7 +87,7 @@ def _monoscore_stats_kernel(
     N, M, D, num_d_tiles, rows_per_split,
     stride_an, stride_am, stride_en, stride_ed,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST_SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -117,7 +123,7 @@ def _monoscore_stats_kernel(
                            mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         unit_emb = unit_emb * inv_norm[:, None]  # (BLOCK_N, BLOCK_D)
         if SPLIT == "bf16x6":
-            acc = _dot_bf16x6(tl.trans(unit_emb), b, acc)
+            acc = _dot_bf16x6(tl.trans(unit_emb), b, acc, UPCAST_SPLIT)
         else:
             acc = tl.dot(tl.trans(unit_emb), b, acc, input_precision=SPLIT)
         if pid_d == 0:
@@ -165,7 +171,7 @@ def stats_with_config(acts: torch.Tensor, emb: torch.Tensor, config: KernelConfi
             num_rows, num_latents, dim, num_d_tiles, config.rows_per_split,
             acts.stride(0), acts.stride(1), emb.stride(0), emb.stride(1),
             BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_M=config.block_m,
-            SPLIT=config.split, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT=config.split, UPCAST_SPLIT=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     unit_emb_sum = (emb.float() * inv_norm[:, None]).sum(0, dtype=torch.float64)
     counts = torch.stack([
