@@ -1,11 +1,16 @@
 // CUDA implementation: two kernels over the same read of acts.
 //   latent_moments_kernel  per-latent min/max and float64 moments, one thread per
 //                          latent and row split (coalesced along latents).
-//   cross_kernel           cross = unit_emb^T (acts - shift) on tensor cores in
-//                          split precision (3xTF32: hi*hi + hi*lo + lo*hi), which
-//                          keeps float32 accuracy that plain TF32 loses.
+//   cross_kernel           cross = unit_emb^T (acts - shift) in float32 FMA,
+//                          register-tiled through shared memory.
 // Both split the rows so the grid fills the GPU whatever M and d are; the
 // partial results are summed (min/maxed) by ATen on the current stream.
+//
+// Why not tensor cores: a 3xTF32 WMMA version of cross_kernel measured on an
+// H200 (benchmarks/results/NVIDIA-H200/run3/diagnose.log) was both slower
+// (78 ms vs 47 ms at N=65536, M=8192, d=768) and off by TF32-level errors
+// (cross 7.6e-4 relative; scores 4e-4), so it was removed. The Triton
+// backend's tf32x3 dot is the tensor-core path that holds float32 accuracy.
 #include "../monoscore.h"
 
 #include <ATen/ATen.h>
@@ -15,16 +20,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <mma.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string>
 
 namespace monoloss_kernels {
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 // Rows per split of the statistics kernel: enough work per thread to amortize
 // its setup, enough splits (N / 1024) to fill 132 SMs even for M = 4096.
@@ -67,32 +68,16 @@ __global__ void latent_moments_kernel(const scalar_t* __restrict__ acts, int64_t
   range_partial[split * 2 * M + M + k] = hi;
 }
 
-// Tile of the cross product handled by one block: 128 (d) x 128 (latents),
-// 16 rows per step; 8 warps in a 2 x 4 grid, each owning 64 x 32 = 4 x 2 WMMA
-// 16x16 accumulators. The +4 float padding keeps rows 16-byte aligned (WMMA's
-// ldm rule) and spreads shared-memory banks.
-constexpr int kTileD = 128;
-constexpr int kTileM = 128;
-constexpr int kTileN = 16;
-constexpr int kPad = 4;
+// Threads per cross-product block.
 constexpr int kCrossThreads = 256;
-constexpr int kWarpTilesD = 4;  // 16x16 fragments per warp along d
-constexpr int kWarpTilesM = 2;  // ... and along latents
 // Rows per split of the cross kernel: bounds the length of each float32
 // accumulation (accuracy) and gives N / 8192 more blocks to the grid.
 constexpr int64_t kCrossRowsPerSplit = 8192;
 
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major>;
-using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 8, float>;
-
-// x ~ hi + lo with hi, lo exactly representable in tf32. Done while staging the
-// tiles in shared memory, not on loaded fragments: a tf32 fragment load may
-// already drop the low mantissa bits, which would leave lo = 0 (plain TF32).
-__device__ __forceinline__ void split_tf32(float x, float& hi, float& lo) {
-  hi = wmma::__float_to_tf32(x);
-  lo = wmma::__float_to_tf32(x - hi);
-}
+// cross tile of 64 (d) x 64 (latents) per block, 16 x 16 threads owning 4 x 4
+// outputs each, 16 rows staged in shared memory per step.
+constexpr int kCrossTile = 64;
+constexpr int kCrossStep = 16;
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kCrossThreads)
@@ -100,116 +85,18 @@ __global__ void __launch_bounds__(kCrossThreads)
                  int64_t stride_m, const float* __restrict__ emb,  // (N, d) contiguous
                  int64_t D, const float* __restrict__ inv_norm, const float* __restrict__ shift,
                  float* __restrict__ cross_partial) {  // (splits, d, M)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  // hi and lo tf32 parts of the staged rows.
-  __shared__ __align__(128) float emb_hi[kTileN][kTileD + kPad];   // [n][d]
-  __shared__ __align__(128) float emb_lo[kTileN][kTileD + kPad];
-  __shared__ __align__(128) float acts_hi[kTileN][kTileM + kPad];  // [n][latent]
-  __shared__ __align__(128) float acts_lo[kTileN][kTileM + kPad];
-  __shared__ __align__(128) float staging[kCrossThreads / 32][16 * 16];
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_d = warp / 4, warp_m = warp % 4;  // 2 x 4 warps
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kTileD;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTileM;
-  const int64_t split = blockIdx.z;
-  const int64_t n_begin = split * kCrossRowsPerSplit;
-  const int64_t n_end = N < n_begin + kCrossRowsPerSplit ? N : n_begin + kCrossRowsPerSplit;
-
-  FragC acc[kWarpTilesD][kWarpTilesM];
-#pragma unroll
-  for (int i = 0; i < kWarpTilesD; ++i)
-#pragma unroll
-    for (int j = 0; j < kWarpTilesM; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN) {
-    // Stage the step's rows: consecutive threads read consecutive columns.
-#pragma unroll
-    for (int e = threadIdx.x; e < kTileN * kTileM; e += kCrossThreads) {
-      const int r = e / kTileM, col = e % kTileM;
-      const int64_t n = n0 + r, m = m0 + col;
-      float v = 0.0f;
-      if (n < n_end && m < M) v = static_cast<float>(acts[n * stride_n + m * stride_m]) - shift[m];
-      split_tf32(v, acts_hi[r][col], acts_lo[r][col]);
-    }
-#pragma unroll
-    for (int e = threadIdx.x; e < kTileN * kTileD; e += kCrossThreads) {
-      const int r = e / kTileD, col = e % kTileD;
-      const int64_t n = n0 + r, dd = d0 + col;
-      const float v = (n < n_end && dd < D) ? emb[n * D + dd] * inv_norm[n] : 0.0f;
-      split_tf32(v, emb_hi[r][col], emb_lo[r][col]);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kTileN; k += 8) {
-      FragB b_hi[kWarpTilesM], b_lo[kWarpTilesM];
-#pragma unroll
-      for (int j = 0; j < kWarpTilesM; ++j) {
-        wmma::load_matrix_sync(b_hi[j], &acts_hi[k][warp_m * 32 + j * 16], kTileM + kPad);
-        wmma::load_matrix_sync(b_lo[j], &acts_lo[k][warp_m * 32 + j * 16], kTileM + kPad);
-      }
-#pragma unroll
-      for (int i = 0; i < kWarpTilesD; ++i) {
-        FragA a_hi, a_lo;
-        // matrix_a is unit_emb^T (d x n): element (i, kk) sits at emb_*[kk][i],
-        // i.e. column-major with leading dimension kTileD + kPad.
-        wmma::load_matrix_sync(a_hi, &emb_hi[k][warp_d * 64 + i * 16], kTileD + kPad);
-        wmma::load_matrix_sync(a_lo, &emb_lo[k][warp_d * 64 + i * 16], kTileD + kPad);
-#pragma unroll
-        for (int j = 0; j < kWarpTilesM; ++j) {
-          wmma::mma_sync(acc[i][j], a_lo, b_hi[j], acc[i][j]);
-          wmma::mma_sync(acc[i][j], a_hi, b_lo[j], acc[i][j]);
-          wmma::mma_sync(acc[i][j], a_hi, b_hi[j], acc[i][j]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-
-  // Store through shared memory so edge tiles are written with bounds checks.
-  float* out = cross_partial + split * D * M;
-#pragma unroll
-  for (int i = 0; i < kWarpTilesD; ++i) {
-#pragma unroll
-    for (int j = 0; j < kWarpTilesM; ++j) {
-      wmma::store_matrix_sync(staging[warp], acc[i][j], 16, wmma::mem_row_major);
-      __syncwarp();
-      const int64_t row0 = d0 + warp_d * 64 + i * 16, col0 = m0 + warp_m * 32 + j * 16;
-      for (int e = lane; e < 256; e += 32) {
-        const int64_t dd = row0 + e / 16, m = col0 + e % 16;
-        if (dd < D && m < M) out[dd * M + m] = staging[warp][e];
-      }
-      __syncwarp();
-    }
-  }
-#else
-  __trap();  // the host refuses devices below sm_80 before launching
-#endif
-}
-
-// Plain float32 FMA version of cross_kernel: 64 (d) x 64 (latents) per block,
-// 16 x 16 threads owning 4 x 4 outputs each, 16 rows per step.
-constexpr int kSimtTile = 64;
-constexpr int kSimtStep = 16;
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kCrossThreads)
-    cross_simt_kernel(const scalar_t* __restrict__ acts, int64_t N, int64_t M, int64_t stride_n,
-                      int64_t stride_m, const float* __restrict__ emb, int64_t D,
-                      const float* __restrict__ inv_norm, const float* __restrict__ shift,
-                      float* __restrict__ cross_partial) {
-  __shared__ float emb_tile[kSimtStep][kSimtTile];   // [n][d]
-  __shared__ float acts_tile[kSimtStep][kSimtTile];  // [n][latent]
+  __shared__ float emb_tile[kCrossStep][kCrossTile];   // [n][d]
+  __shared__ float acts_tile[kCrossStep][kCrossTile];  // [n][latent]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kSimtTile;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kSimtTile;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kCrossTile;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kCrossTile;
   const int64_t split = blockIdx.z;
   const int64_t n_begin = split * kCrossRowsPerSplit;
   const int64_t n_end = N < n_begin + kCrossRowsPerSplit ? N : n_begin + kCrossRowsPerSplit;
   float acc[4][4] = {};
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kSimtStep) {
-    for (int e = threadIdx.x; e < kSimtStep * kSimtTile; e += kCrossThreads) {
-      const int r = e / kSimtTile, col = e % kSimtTile;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kCrossStep) {
+    for (int e = threadIdx.x; e < kCrossStep * kCrossTile; e += kCrossThreads) {
+      const int r = e / kCrossTile, col = e % kCrossTile;
       const int64_t n = n0 + r, m = m0 + col, dd = d0 + col;
       acts_tile[r][col] = (n < n_end && m < M)
                               ? static_cast<float>(acts[n * stride_n + m * stride_m]) - shift[m]
@@ -218,7 +105,7 @@ __global__ void __launch_bounds__(kCrossThreads)
     }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < kSimtStep; ++k) {
+    for (int k = 0; k < kCrossStep; ++k) {
       float a[4], b[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) a[i] = emb_tile[k][ty * 4 + i];
@@ -252,9 +139,8 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
   int cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor,
                                         acts.device().index()));
-  TORCH_CHECK(cc_major >= 8, "monoscore_stats: the CUDA kernels need compute capability 8.0+ "
-              "(tensor-core TF32), this GPU is sm_" + std::to_string(cc_major) +
-              "x; use backend='triton' or 'torch'");
+  TORCH_CHECK(cc_major >= 8, "monoscore_stats: the CUDA kernels are built for compute capability "
+              "8.0+, this GPU is sm_" + std::to_string(cc_major) + "x; use backend='triton' or 'torch'");
   auto [cross, unit_emb_sum, shift, act_range, moments, counts] = empty_stats(acts, emb);
   const int64_t N = acts.size(0), M = acts.size(1), D = emb.size(1);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -283,16 +169,8 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
         shift.const_data_ptr<float>(), inv_norm.const_data_ptr<float>(),
         moments_partial.data_ptr<double>(), range_partial.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const char* cross_variant = std::getenv("MONOLOSS_CUDA_CROSS");  // diagnostic switch
-    if (D > 0 && cross_variant != nullptr && std::string(cross_variant) == "simt") {
-      const dim3 cross_grid(ceil_div(M, kSimtTile), ceil_div(D, kSimtTile), cross_splits);
-      cross_simt_kernel<scalar_t><<<cross_grid, kCrossThreads, 0, stream>>>(
-          acts.const_data_ptr<scalar_t>(), N, M, acts.stride(0), acts.stride(1),
-          emb_f32.const_data_ptr<float>(), D, inv_norm.const_data_ptr<float>(),
-          shift.const_data_ptr<float>(), cross_partial.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (D > 0) {
-      const dim3 cross_grid(ceil_div(M, kTileM), ceil_div(D, kTileD), cross_splits);
+    if (D > 0) {
+      const dim3 cross_grid(ceil_div(M, kCrossTile), ceil_div(D, kCrossTile), cross_splits);
       cross_kernel<scalar_t><<<cross_grid, kCrossThreads, 0, stream>>>(
           acts.const_data_ptr<scalar_t>(), N, M, acts.stride(0), acts.stride(1),
           emb_f32.const_data_ptr<float>(), D, inv_norm.const_data_ptr<float>(),

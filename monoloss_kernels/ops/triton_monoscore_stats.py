@@ -7,10 +7,9 @@ cores. The programs of the first d-tile also reduce the per-latent min/max and
 float64 moments of the rows they read, so acts is read from DRAM once: the
 other d-tiles of the same latent block run next to them and hit L2.
 
-Precision: the product is split ("tf32x3": three TF32 products; "bf16x6": six
-bfloat16 products) to keep float32 accuracy on the tensor cores; plain TF32
-would not meet the 2e-5 bound. Under TRITON_INTERPRET=1 (CPU) the dot is
-evaluated in float32 ("ieee").
+Precision: "tf32x3" (split TF32, three tensor-core products) keeps float32
+accuracy; plain TF32 would not meet the 2e-5 bound. Under TRITON_INTERPRET=1
+(CPU) the dot is evaluated in float32 ("ieee").
 """
 
 import os
@@ -34,50 +33,21 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int
     rows_per_split: int  # bounds each float32 accumulation; more programs for small d x M
-    split: str  # how the float32 product keeps float32 accuracy: "tf32x3", "bf16x6" (or "ieee")
+    split: str  # tl.dot input_precision: "tf32x3" (split TF32, float32-accurate) or "ieee"
 
 
-# GPU tiles and split: the fastest of benchmarks/tune_triton.py's candidates on
-# an H200 (N=65536, M=8192, d=768): bf16x6 64x128/4 warps 23.7 ms; the best
-# tf32x3 33.4 ms (tf32 operands must be K-major, acts' tiles are not). The
-# interpreter runs programs one by one on numpy: small tiles, same split.
+# GPU tiles: the fastest tf32x3 candidate of benchmarks/tune_triton.py on an
+# H200 (N=65536, M=8192, d=768): 128x64 over 4 warps, 33 ms (128x128 over 8
+# warps: 42 ms). A bf16x6 split ran faster (24 ms) but was not float32-accurate
+# on the GPU (1.3e-4; benchmarks/results/NVIDIA-H200/run3), so it is not used.
+# The interpreter runs programs one by one on numpy: small tiles, few programs.
 GPU_CONFIG = KernelConfig(
-    block_d=64, block_m=128, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384, split="bf16x6"
+    block_d=128, block_m=64, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384, split="tf32x3"
 )
 INTERPRETER_CONFIG = KernelConfig(
-    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384, split="bf16x6"
+    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384, split="ieee"
 )
 CONFIG = INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG
-
-
-@triton.jit
-def _split_bf16x3(x):
-    """x ~ hi + mid + lo, each bfloat16: 24 mantissa bits, float32's precision."""
-    hi = x.to(tl.bfloat16)
-    rest = x - hi.to(tl.float32)
-    mid = rest.to(tl.bfloat16)
-    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-    return hi, mid, lo
-
-
-@triton.jit
-def _dot_bf16x6(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b at float32 accuracy from six bfloat16 products (the terms of
-    (hi + mid + lo)(hi + mid + lo) above 2^-24), smallest first. Unlike tf32,
-    bfloat16 tensor-core operands may be MN-major, as acts' tiles are.
-    UPCAST (the interpreter, whose bfloat16 dot is wrong) multiplies the same
-    bfloat16 parts in float32, which is exact, so the split is tested on CPUs."""
-    a_hi, a_mid, a_lo = _split_bf16x3(a)
-    b_hi, b_mid, b_lo = _split_bf16x3(b)
-    if UPCAST:
-        a_hi, a_mid, a_lo = a_hi.to(tl.float32), a_mid.to(tl.float32), a_lo.to(tl.float32)
-        b_hi, b_mid, b_lo = b_hi.to(tl.float32), b_mid.to(tl.float32), b_lo.to(tl.float32)
-    acc = tl.dot(a_lo, b_hi, acc)
-    acc = tl.dot(a_hi, b_lo, acc)
-    acc = tl.dot(a_mid, b_mid, acc)
-    acc = tl.dot(a_mid, b_hi, acc)
-    acc = tl.dot(a_hi, b_mid, acc)
-    return tl.dot(a_hi, b_hi, acc)
 
 
 @triton.jit
@@ -87,7 +57,7 @@ def _monoscore_stats_kernel(
     N, M, D, num_d_tiles, rows_per_split,
     stride_an, stride_am, stride_en, stride_ed,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
@@ -122,10 +92,7 @@ def _monoscore_stats_kernel(
         unit_emb = tl.load(emb_ptr + offs_n[:, None] * stride_en + offs_d[None, :] * stride_ed,
                            mask=n_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         unit_emb = unit_emb * inv_norm[:, None]  # (BLOCK_N, BLOCK_D)
-        if SPLIT == "bf16x6":
-            acc = _dot_bf16x6(tl.trans(unit_emb), b, acc, UPCAST_SPLIT)
-        else:
-            acc = tl.dot(tl.trans(unit_emb), b, acc, input_precision=SPLIT)
+        acc = tl.dot(tl.trans(unit_emb), b, acc, input_precision=DOT_PRECISION)
         if pid_d == 0:
             b64 = b.to(tl.float64)
             sum_b += tl.sum(b64, axis=0)
@@ -171,7 +138,7 @@ def stats_with_config(acts: torch.Tensor, emb: torch.Tensor, config: KernelConfi
             num_rows, num_latents, dim, num_d_tiles, config.rows_per_split,
             acts.stride(0), acts.stride(1), emb.stride(0), emb.stride(1),
             BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_M=config.block_m,
-            SPLIT=config.split, UPCAST_SPLIT=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages,
+            DOT_PRECISION=config.split, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     unit_emb_sum = (emb.float() * inv_norm[:, None]).sum(0, dtype=torch.float64)
     counts = torch.stack([
