@@ -52,7 +52,8 @@ struct LatentAccumulators {
 };
 
 // kRows rows of a chunk, latents [k0, k1): b = a - shift into the moments,
-// a into min/max, and (if kStage) b as float32 into `staged`. The pass is
+// a into min/max, and (if kStage) b as float32 into `staged`; without kStage
+// (the in-place path) the shift is 0 and not read. The pass is
 // memory-bound only if this loop vectorises across latents: unit column
 // stride is its own instantiation (no gathers), pointers are restrict, and
 // the AVX2 clone (picked at load time where the CPU has it) doubles the
@@ -67,7 +68,7 @@ void reduce_rows(const scalar_t* __restrict__ rows, int64_t row_stride, int64_t 
                  double* __restrict__ sumsq, float* __restrict__ act_min,
                  float* __restrict__ act_max) {
   for (int64_t k = k0; k < k1; ++k) {
-    const float c = shift[k];
+    const float c = kStage ? shift[k] : 0.0f;  // unstaged = in place, where the shift is 0
     double s = 0.0, ss = 0.0;
     float lo = act_min[k], hi = act_max[k];
 #pragma GCC unroll 8
@@ -166,7 +167,8 @@ MonoScoreStats accumulate(const at::Tensor& acts, const at::Tensor& emb,
     });
     const at::Tensor unit_emb = emb.narrow(0, n0, rows).to(at::kFloat) * inv_chunk.unsqueeze(1);
     cross.addmm_(unit_emb.t(), gemm_input);  // (d, rows) @ (rows, M)
-    unit_emb_sum.add_(unit_emb.sum(0, false, at::kDouble));
+    // A float32 sum over one chunk's rows is exact enough; chunks add up in float64.
+    unit_emb_sum.add_(unit_emb.sum(0));
   }
   return {cross, unit_emb_sum, shift, act_range, moments, counts};
 }
