@@ -56,7 +56,7 @@ struct LatentAccumulators {
 // (the in-place path) the shift is 0 and not read. The pass is
 // memory-bound only if this loop vectorises across latents: unit column
 // stride is its own instantiation (no gathers), pointers are restrict, and
-// the AVX2 clone (picked at load time where the CPU has it) doubles the
+// AVX-512/AVX2 clones (picked at load time by what the CPU has) widen the
 // float64 lanes of the baseline x86-64 build.
 template <typename scalar_t, bool kUnitStride, bool kStage, int kRows>
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

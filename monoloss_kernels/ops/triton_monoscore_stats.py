@@ -33,7 +33,7 @@ class KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int
     rows_per_split: int  # bounds each float32 accumulation; more programs for small d x M
-    split: str  # tl.dot input_precision: "tf32x3" (split TF32, float32-accurate) or "ieee"
+    dot_precision: str  # tl.dot input_precision: "tf32x3" (split TF32, float32-accurate) or "ieee"
 
 
 # GPU tiles: the fastest tf32x3 candidate of benchmarks/tune_triton.py on an
@@ -42,10 +42,12 @@ class KernelConfig(NamedTuple):
 # on the GPU (1.3e-4; benchmarks/results/NVIDIA-H200/run3), so it is not used.
 # The interpreter runs programs one by one on numpy: small tiles, few programs.
 GPU_CONFIG = KernelConfig(
-    block_d=128, block_m=64, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384, split="tf32x3"
+    block_d=128, block_m=64, block_n=32, num_warps=4, num_stages=3, rows_per_split=16384,
+    dot_precision="tf32x3",
 )
 INTERPRETER_CONFIG = KernelConfig(
-    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384, split="ieee"
+    block_d=32, block_m=32, block_n=32, num_warps=1, num_stages=1, rows_per_split=16384,
+    dot_precision="ieee",
 )
 CONFIG = INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG
 
@@ -138,7 +140,7 @@ def stats_with_config(acts: torch.Tensor, emb: torch.Tensor, config: KernelConfi
             num_rows, num_latents, dim, num_d_tiles, config.rows_per_split,
             acts.stride(0), acts.stride(1), emb.stride(0), emb.stride(1),
             BLOCK_N=config.block_n, BLOCK_D=config.block_d, BLOCK_M=config.block_m,
-            DOT_PRECISION=config.split, num_warps=config.num_warps, num_stages=config.num_stages,
+            DOT_PRECISION=config.dot_precision, num_warps=config.num_warps, num_stages=config.num_stages,
         )
     unit_emb_sum = (emb.float() * inv_norm[:, None]).sum(0, dtype=torch.float64)
     counts = torch.stack([
