@@ -2,11 +2,12 @@
 //
 // Every backend reduces a batch (acts: N x M, emb: N x d) to the same additive
 // statistics; monoloss_kernels/stats.py turns them into scores. With
-// b[n,k] = acts[n,k] - shift[k] (shift = acts[0], which keeps the sums small
-// for latents that sit far from zero) and e_hat the unit rows of emb:
+// b[n,k] = acts[n,k] - shift[k] (a per-latent shift chosen by the backend --
+// acts[0] on CUDA, 0 or the minimum on CPU -- which keeps the sums small for
+// latents that sit far from zero) and e_hat the unit rows of emb:
 //   cross        (d, M) float32  sum_n e_hat[n] * b[n, :]
 //   unit_emb_sum (d,)   float64  sum_n e_hat[n]
-//   shift        (M,)   float32  acts[0] as float32
+//   shift        (M,)   float32  the shift
 //   act_range    (2, M) float32  per-latent min, max
 //   moments      (4, M) float64  sum b, sum b^2, and the same two sums over the
 //                                rows whose embedding has zero norm

@@ -14,8 +14,9 @@ With Ê the unit rows (zero rows stay zero) and w[n] = ‖Ê[n]‖² ∈ {0, 1}:
 Both are homogeneous of degree 2 in ã, so the scale 1/(max - min) cancels and
 ã may be replaced by a - min. The min is not known until the whole batch has
 been read, so the kernels accumulate sums of b = a - shift for a shift known up
-front (the first row, which keeps b small for latents far from 0) and
-`finalize` moves them to a - min in closed form, with δ = min - shift:
+front and `finalize` moves them to a - min in closed form, with δ = min - shift.
+The shift keeps b small for latents far from 0 (the GPU kernels use the first
+row; the CPU one uses 0 and recomputes such latents at their min):
 
     Σ (a - min)   = Σ b - N δ
     Σ (a - min)²  = Σ b² - 2 δ Σ b + N δ²
@@ -45,7 +46,7 @@ class MonoScoreStats(NamedTuple):
 
     cross: Tensor  # (d, M) float32: Σ_n Ê[n] b[n, :]
     unit_emb_sum: Tensor  # (d,) float64: Σ_n Ê[n]
-    shift: Tensor  # (M,) float32: the per-latent shift (acts[0])
+    shift: Tensor  # (M,) float32: the per-latent shift (each backend's choice, see above)
     act_range: Tensor  # (2, M) float32: per-latent min, max
     moments: Tensor  # (4, M) float64: Σb, Σb², and both over zero-norm embedding rows
     counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
