@@ -9,6 +9,7 @@ Prints one table row per (backend, device, dtype, case).
 
 import argparse
 import os
+import sys
 
 import torch
 
@@ -18,16 +19,14 @@ if not torch.cuda.is_available():
 import monoloss_kernels as mk  # noqa: E402
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the tests' input makers
+from tests.helpers import make_acts, make_emb  # noqa: E402
+
 CASES = ["relu", "negative", "offset", "dead_constant"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
 def make_inputs(case, n, m, d, seed):
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-    from tests.helpers import make_acts, make_emb
-
     gen = torch.Generator().manual_seed(seed)
     return make_acts(case, n, m, gen), make_emb("zero_dup", n, d, gen)
 

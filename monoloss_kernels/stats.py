@@ -88,8 +88,9 @@ def finalize(stats: MonoScoreStats) -> Tensor:
     """
     act_min, act_max = stats.act_range[0], stats.act_range[1]
     delta = act_min.double() - stats.shift.double()  # (M,)
-    sum_a, sumsq_a, zero_sum_a, zero_sumsq_a = _reshift_moments(stats, delta).unbind(0)
-    cross_at_min = torch.addr(stats.cross, stats.unit_emb_sum.to(stats.cross.dtype), delta.to(stats.cross.dtype), alpha=-1)
+    sum_a, sumsq_a, _, zero_sumsq_a = _reshift_moments(stats, delta).unbind(0)
+    dtype = stats.cross.dtype
+    cross_at_min = torch.addr(stats.cross, stats.unit_emb_sum.to(dtype), delta.to(dtype), alpha=-1)
     cross_at_min_sq = torch.linalg.vector_norm(cross_at_min, dim=0).double() ** 2
     numerator = cross_at_min_sq - (sumsq_a - zero_sumsq_a)
     denominator = sum_a * sum_a - sumsq_a

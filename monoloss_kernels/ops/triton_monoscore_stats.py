@@ -25,7 +25,6 @@ from ..stats import MonoScoreStats, empty_stats_like, row_inv_norm
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-
 class KernelConfig(NamedTuple):
     block_d: int  # rows of the cross tile (embedding dims) per program
     block_m: int  # latents per program
