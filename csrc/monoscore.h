@@ -28,6 +28,12 @@ using MonoScoreStats =
 // backstop for direct torch.ops calls.
 void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb);
 
+// The same for the CSR form of sparse activations (the op monoscore_stats_csr):
+// shapes, index dtypes, devices. Index ranges and duplicates are checked by the
+// kernels as they order the entries by latent.
+void check_csr_stats_inputs(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            const at::Tensor& values, const at::Tensor& emb, int64_t num_latents);
+
 // 1 / ||emb[n]|| as float32: 0 for zero rows, NaN for rows whose norm is not
 // finite in float32 (NaN/Inf values, or overflow), which makes unit_emb_sum
 // non-finite: the Python wrapper then refuses emb.
@@ -37,8 +43,18 @@ at::Tensor row_inv_norm(const at::Tensor& emb);
 MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb);
 
 MonoScoreStats monoscore_stats_cpu(const at::Tensor& acts, const at::Tensor& emb);
+// Sparse activations in CSR form (entries not stored are 0). The same six
+// statistics with shift 0 for latents that have an implicit zero in the batch
+// and shift = min for latents stored in every row; cross is returned as the
+// transpose of an (M, d) buffer.
+MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                       const at::Tensor& values, const at::Tensor& emb,
+                                       int64_t num_latents);
 #ifdef MONOLOSS_WITH_CUDA
 MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& emb);
+MonoScoreStats monoscore_stats_csr_cuda(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                        const at::Tensor& values, const at::Tensor& emb,
+                                        int64_t num_latents);
 #endif
 
 }  // namespace monoloss_kernels

@@ -50,6 +50,28 @@ void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb) {
                                                  " but emb is on " + emb.device().str());
 }
 
+void check_csr_stats_inputs(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
+  TORCH_CHECK(crow_indices.dim() == 1 && crow_indices.size(0) >= 1,
+              "monoscore_stats_csr: crow_indices must be 1-D (N + 1), got shape " + shape_str(crow_indices));
+  TORCH_CHECK(col_indices.dim() == 1 && values.dim() == 1 && col_indices.size(0) == values.size(0),
+              "monoscore_stats_csr: col_indices and values must be 1-D of the same length (nnz), got " +
+                  shape_str(col_indices) + " and " + shape_str(values));
+  TORCH_CHECK(crow_indices.scalar_type() == at::kLong && col_indices.scalar_type() == at::kLong,
+              "monoscore_stats_csr: crow_indices and col_indices must be int64");
+  TORCH_CHECK(emb.dim() == 2, "monoscore_stats_csr: emb must be 2-D (N, d), got shape " + shape_str(emb));
+  TORCH_CHECK(crow_indices.size(0) - 1 == emb.size(0),
+              "monoscore_stats_csr: crow_indices describes N=" + std::to_string(crow_indices.size(0) - 1) +
+                  " rows but emb has " + std::to_string(emb.size(0)));
+  TORCH_CHECK(num_latents >= 0, "monoscore_stats_csr: num_latents must be >= 0");
+  TORCH_CHECK(at::isFloatingType(values.scalar_type()) && at::isFloatingType(emb.scalar_type()),
+              "monoscore_stats_csr: values and emb must be floating point");
+  for (const at::Tensor* t : {&crow_indices, &col_indices, &values}) {
+    TORCH_CHECK(t->device() == emb.device(), "monoscore_stats_csr: inputs on " + t->device().str() +
+                                                 " and " + emb.device().str());
+  }
+}
+
 at::Tensor row_inv_norm(const at::Tensor& emb) {
   const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
   const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kFloat);
@@ -76,6 +98,10 @@ TORCH_LIBRARY(monoloss_kernels, m) {
   m.def(
       "monoscore_stats(Tensor acts, Tensor emb) -> (Tensor cross, Tensor unit_emb_sum, "
       "Tensor shift, Tensor act_range, Tensor moments, Tensor counts)");
+  m.def(
+      "monoscore_stats_csr(Tensor crow_indices, Tensor col_indices, Tensor values, Tensor emb, "
+      "int num_latents) -> (Tensor cross, Tensor unit_emb_sum, Tensor shift, Tensor act_range, "
+      "Tensor moments, Tensor counts)");
 }
 
 }  // namespace monoloss_kernels

@@ -7,21 +7,28 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .stats import MonoScoreStats, torch_monoscore_stats
+from .stats import CsrActs, MonoScoreStats, torch_monoscore_stats, torch_monoscore_stats_csr
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 try:
     from .ops.triton_monoscore_stats import triton_stats
+    from .ops.triton_monoscore_stats_csr import triton_csr_stats
 
     TRITON_ERROR = None
 except ImportError as exc:  # triton is optional (e.g. macOS, Windows)
-    triton_stats = None
+    triton_stats = triton_csr_stats = None
     TRITON_ERROR = f"backend='triton' needs the triton package ({exc}); pip install triton"
 
 
 def _cpp_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
     return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats(acts, emb))
+
+
+def _cpp_csr_stats(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
+    return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr(
+        acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents
+    ))
 
 
 def _triton_runs_on(device: torch.device) -> bool:
@@ -45,14 +52,15 @@ def available_backends(device: torch.device) -> list[str]:
     return names
 
 
-def stats_function(backend: str, device: torch.device) -> Callable[[Tensor, Tensor], MonoScoreStats]:
-    """The statistics implementation for `backend` on `device`; clear error if unavailable."""
+def stats_function(backend: str, device: torch.device, sparse: bool = False) -> Callable[..., MonoScoreStats]:
+    """The statistics implementation for `backend` on `device`, taking (acts, emb) with
+    acts dense or (`sparse`) a `CsrActs`; clear error if unavailable."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = available_backends(device)[0]
     if backend == "torch":
-        return torch_monoscore_stats
+        return torch_monoscore_stats_csr if sparse else torch_monoscore_stats
     if backend == "triton":
         if triton_stats is None:
             raise RuntimeError(TRITON_ERROR)
@@ -61,7 +69,7 @@ def stats_function(backend: str, device: torch.device) -> Callable[[Tensor, Tens
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"the inputs are on {device}"
             )
-        return triton_stats
+        return triton_csr_stats if sparse else triton_stats
     # "cpu" / "cuda": the same dispatcher op, whose kernel is chosen by the inputs' device.
     if device.type != backend:
         raise ValueError(f"backend={backend!r} needs {backend} tensors; the inputs are on {device}")
@@ -72,4 +80,4 @@ def stats_function(backend: str, device: torch.device) -> Callable[[Tensor, Tens
             f"monoloss_kernels was built without {backend.upper()} kernels. Rebuild where nvcc and a "
             "CUDA build of torch are present: MONOLOSS_FORCE_CUDA=1 pip install --no-build-isolation ."
         )
-    return _cpp_stats
+    return _cpp_csr_stats if sparse else _cpp_stats

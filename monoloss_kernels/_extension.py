@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
     )
 
 STATS_OP = "monoloss_kernels::monoscore_stats"
+CSR_STATS_OP = "monoloss_kernels::monoscore_stats_csr"
 
 
 def has_kernel(dispatch_key: str) -> bool:
@@ -34,3 +35,7 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake(STATS_OP)
     def _monoscore_stats_fake(acts, emb):
         return tuple(empty_stats_like(acts, emb))
+
+    @torch.library.register_fake(CSR_STATS_OP)
+    def _monoscore_stats_csr_fake(crow_indices, col_indices, values, emb, num_latents):
+        return tuple(empty_stats_like(emb, emb, num_latents))

@@ -4,11 +4,11 @@ import torch
 from torch import Tensor
 
 from ._dispatch import stats_function
-from ._validate import check_stats_finite, validate_dense
-from .stats import finalize
+from ._validate import check_stats_finite, validate_acts
+from .stats import CsrActs, finalize
 
 
-def monoscore(acts: Tensor, emb: Tensor, *, backend: str = "auto") -> Tensor:
+def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str = "auto") -> Tensor:
     r"""Exact MonoScore of every latent, in one pass over the activations.
 
     MS[k] = Σ_{n<m} ã[n,k] ã[m,k] cos(emb[n], emb[m]) / Σ_{n<m} ã[n,k] ã[m,k], with
@@ -16,10 +16,23 @@ def monoscore(acts: Tensor, emb: Tensor, *, backend: str = "auto") -> Tensor:
     cos = 0 for a zero embedding row. Equal to the O(N²) pairwise definition
     (`monoloss_kernels.reference.pairwise_monoscore`) within float32 rounding.
 
+    Sparse activations cost O(nnz·d) instead of O(N·M·d); entries not stored are
+    activations of 0 (also in each latent's min and max), so the result equals
+    the dense definition on the densified matrix.
+
     Args:
-        acts: (N, M) activations, float32/float16/bfloat16/float64, any strides.
+        acts: the activations of N samples over M latents, float32/float16/
+            bfloat16/float64, in one of these forms:
+            - a dense (N, M) tensor, any strides;
+            - the (values, indices) pair of `torch.topk` (N x k each, the
+              namedtuple or a plain tuple), with `num_latents=M`; the indices of
+              a row must be distinct;
+            - a 2-D torch sparse COO tensor (repeated coordinates add up) or CSR
+              tensor (the latents of a row must be distinct).
         emb: (N, d) embeddings of the same N samples (e.g. CLIP image features),
             same device; need not be normalised.
+        num_latents: M. Required with a (values, indices) pair; otherwise
+            optional and checked against the number of columns.
         backend: "auto" (fastest available for the device), "cuda" (C++/CUDA),
             "triton", "cpu" (C++), or "torch" (plain-torch reference of the
             same statistics).
@@ -31,12 +44,15 @@ def monoscore(acts: Tensor, emb: Tensor, *, backend: str = "auto") -> Tensor:
 
     Raises:
         TypeError / ValueError naming the argument for non-tensors, wrong rank,
-        unsupported dtypes, mismatched N, different devices, NaN or Inf values.
+        unsupported dtypes, mismatched N, different devices, NaN or Inf values,
+        latent indices out of range or repeated within a row, a (values,
+        indices) pair without num_latents.
     """
-    acts, emb = validate_dense(acts, emb)
-    num_rows, num_latents = acts.shape
+    acts, emb = validate_acts(acts, emb, num_latents)
+    sparse = isinstance(acts, CsrActs)
+    num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
     if num_rows < 2:
-        return torch.full((num_latents,), float("nan"), device=acts.device, dtype=torch.float32)
-    stats = stats_function(backend, acts.device)(acts, emb)
+        return torch.full((num_latents,), float("nan"), device=emb.device, dtype=torch.float32)
+    stats = stats_function(backend, emb.device, sparse)(acts, emb)
     check_stats_finite(stats, emb)
     return finalize(stats)

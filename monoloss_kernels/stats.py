@@ -25,6 +25,14 @@ row; the CPU one uses 0 and recomputes such latents at their min):
 Every backend (C++ CPU, CUDA, Triton, plain torch) fills the same
 `MonoScoreStats`; the statistics of disjoint row sets are additive once
 expressed with a common shift.
+
+Sparse activations (a TopK pair, COO, CSR; canonical form `CsrActs`) fill the
+same statistics from their stored values alone, in O(nnz·d): an implicit entry
+is an activation of 0, so with shift 0 it adds nothing to any sum. Shift 0
+is also accurate whenever a latent has an implicit zero in the batch (then
+min ≤ 0 ≤ max, so |a| ≤ max - min); a latent stored in every row of the
+batch is shifted by its minimum instead, which keeps always-on latents far
+from 0 exact.
 """
 
 from typing import NamedTuple
@@ -41,10 +49,25 @@ DEN_RTOL = 32 * torch.finfo(torch.float64).eps
 TORCH_ROWS_PER_PRODUCT = 8192
 
 
+class CsrActs(NamedTuple):
+    """Sparse (N, M) activations in compressed-row form, the canonical form of every
+    sparse input; entries not stored are activations of 0. A TopK pair is the case
+    crow_indices = k·arange(N + 1)."""
+
+    crow_indices: Tensor  # (N+1,) int64: row n's entries are [crow_indices[n], crow_indices[n+1])
+    col_indices: Tensor  # (nnz,) int64: the latent of each stored value, distinct within a row
+    values: Tensor  # (nnz,) floating point
+    num_latents: int  # M
+
+    @property
+    def num_rows(self) -> int:
+        return self.crow_indices.shape[0] - 1
+
+
 class MonoScoreStats(NamedTuple):
     """Additive statistics of a batch; b = acts - shift, Ê = unit rows of emb."""
 
-    cross: Tensor  # (d, M) float32: Σ_n Ê[n] b[n, :]
+    cross: Tensor  # (d, M) float32: Σ_n Ê[n] b[n, :] (sparse inputs: an (M, d) buffer, transposed)
     unit_emb_sum: Tensor  # (d,) float64: Σ_n Ê[n]
     shift: Tensor  # (M,) float32: the per-latent shift (each backend's choice, see above)
     act_range: Tensor  # (2, M) float32: per-latent min, max
@@ -110,13 +133,18 @@ def row_inv_norm(emb: Tensor) -> Tensor:
     return inv_norm.masked_fill(norm.isinf(), float("nan"))
 
 
-def empty_stats_like(acts: Tensor, emb: Tensor) -> MonoScoreStats:
-    """Outputs of the statistics op for these inputs, uninitialised (also the fake impl)."""
-    num_latents, dim = acts.shape[1], emb.shape[1]
+def empty_stats_like(acts: Tensor, emb: Tensor, num_latents: int | None = None) -> MonoScoreStats:
+    """Outputs of a statistics op, uninitialised (also the fake impls). Dense: acts is
+    the (N, M) matrix. Sparse (`num_latents` given): acts is any tensor on the device,
+    and `cross` is the transpose of an (M, d) buffer, as the sparse kernels write it."""
+    sparse = num_latents is not None
+    if not sparse:
+        num_latents = acts.shape[1]
+    dim = emb.shape[1]
     f32 = dict(device=acts.device, dtype=torch.float32)
     f64 = dict(device=acts.device, dtype=torch.float64)
     return MonoScoreStats(
-        cross=acts.new_empty((dim, num_latents), **f32),
+        cross=acts.new_empty((num_latents, dim), **f32).T if sparse else acts.new_empty((dim, num_latents), **f32),
         unit_emb_sum=acts.new_empty((dim,), **f64),
         shift=acts.new_empty((num_latents,), **f32),
         act_range=acts.new_empty((2, num_latents), **f32),
@@ -154,3 +182,69 @@ def torch_monoscore_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
         moments=moments,
         counts=counts.double(),
     )
+
+
+def csr_latent_stats(acts: CsrActs, emb: Tensor) -> tuple[MonoScoreStats, Tensor, Tensor, Tensor]:
+    """Everything but `cross` for sparse activations, from the stored entries alone.
+
+    Returns (stats with cross=None, rows, b, inv_norm): the row of each stored entry,
+    its value minus its latent's shift (float64), and 1/‖emb[n]‖. Plain torch ops
+    with static shapes and no host sync, so the Triton path shares it on the GPU.
+    """
+    num_rows, num_latents = acts.num_rows, acts.num_latents
+    device = emb.device
+    cols, values = acts.col_indices, acts.values
+    rows = torch.repeat_interleave(
+        torch.arange(num_rows, device=device), acts.crow_indices.diff(), output_size=cols.shape[0]
+    )
+    stored = torch.zeros(num_latents, device=device, dtype=torch.int64).index_add_(
+        0, cols, torch.ones_like(cols)
+    )
+    value32 = values.float()
+    stored_min = torch.full((num_latents,), float("inf"), device=device).scatter_reduce_(0, cols, value32, "amin")
+    stored_max = torch.full((num_latents,), float("-inf"), device=device).scatter_reduce_(0, cols, value32, "amax")
+    has_implicit_zero = stored < num_rows
+    shift = torch.where(has_implicit_zero, 0.0, stored_min)
+    act_range = torch.stack([
+        torch.where(has_implicit_zero, stored_min.clamp(max=0), stored_min),
+        torch.where(has_implicit_zero, stored_max.clamp(min=0), stored_max),
+    ])
+    inv_norm = row_inv_norm(emb)
+    b = values.double() - shift.double()[cols]
+    b_zero = torch.where(inv_norm[rows] == 0, b, 0.0)
+    moments = torch.zeros(4, num_latents, device=device, dtype=torch.float64)
+    for i, term in enumerate((b, b * b, b_zero, b_zero * b)):
+        moments[i].index_add_(0, cols, term)
+    unit_emb_sum = (emb.float() * inv_norm[:, None]).sum(0, dtype=torch.float64)
+    counts = torch.stack([
+        torch.full((), num_rows, device=device, dtype=torch.float64),
+        (inv_norm > 0).sum().double(),
+    ])
+    stats = MonoScoreStats(None, unit_emb_sum, shift, act_range, moments, counts)
+    return stats, rows, b, inv_norm
+
+
+def latent_major_order(acts: CsrActs, rows: Tensor) -> Tensor:
+    """The entries sorted by (latent, row), as sort keys latent·N + row; refuses a
+    latent stored twice in one row (every kernel would count it twice)."""
+    sorted_keys, order = (acts.col_indices * acts.num_rows + rows).sort()
+    repeated = sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]]
+    if repeated.numel() > 0:
+        key = int(repeated[0])
+        raise ValueError(
+            f"acts stores latent {key // acts.num_rows} twice in row {key % acts.num_rows}; "
+            "the latent indices of a row must be distinct (as torch.topk returns them)"
+        )
+    return order
+
+
+def torch_monoscore_stats_csr(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
+    """The sparse statistics in plain torch (readable reference; O(nnz·d) in float64)."""
+    stats, rows, b, inv_norm = csr_latent_stats(acts, emb)
+    latent_major_order(acts, rows)  # for its duplicate check; index_add_ takes any order
+    unit_emb = emb.double() * inv_norm.double()[:, None]
+    cross_t = torch.zeros(acts.num_latents, emb.shape[1], device=emb.device, dtype=torch.float64)  # (M, d)
+    for e0 in range(0, b.shape[0], TORCH_ROWS_PER_PRODUCT):  # bounds the gathered (entries, d) block
+        e = slice(e0, e0 + TORCH_ROWS_PER_PRODUCT)
+        cross_t.index_add_(0, acts.col_indices[e], unit_emb[rows[e]] * b[e, None])
+    return stats._replace(cross=cross_t.float().T)
