@@ -3,12 +3,19 @@ in fused C++/CUDA and Triton kernels.
 
     import monoloss_kernels as mk
     scores = mk.monoscore(acts, emb)   # (N, M) activations, (N, d) embeddings -> (M,)
+    scores = mk.monoscore(torch.topk(pre_acts, k), emb, num_latents=M)   # TopK latents, O(N·k·d)
+
+    acc = mk.MonoScoreAccumulator(num_latents=M, dim=d)   # any number of rows, one pass
+    for acts, emb in batches:
+        acc.update(acts, emb)
+    scores = acc.compute()
 """
 
 from . import reference
 from ._dispatch import BACKENDS, available_backends
+from .accumulator import MonoScoreAccumulator
 from .monoscore import monoscore
 from .stats import MonoScoreStats, finalize
 
-__all__ = ["BACKENDS", "MonoScoreStats", "available_backends", "finalize", "monoscore", "reference"]
+__all__ = ["BACKENDS", "MonoScoreAccumulator", "MonoScoreStats", "available_backends", "finalize", "monoscore", "reference"]
 __version__ = "0.1.0"

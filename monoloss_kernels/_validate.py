@@ -89,9 +89,12 @@ def _sparse_to_csr(acts: Tensor, num_latents) -> CsrActs:
         bounds = torch.arange(num_rows + 1, device=acts.device, dtype=rows.dtype)
         crow = torch.searchsorted(rows, bounds)  # coalesced rows are sorted
         return CsrActs(crow, cols, acts.values(), num_latents)
-    cols = acts.col_indices()
+    crow, cols = acts.crow_indices().long(), acts.col_indices()
+    # torch does not check CSR invariants by default, and the kernels index by them.
+    if int(crow[0]) != 0 or int(crow[-1]) != cols.shape[0] or bool((crow.diff() < 0).any()):
+        raise ValueError(f"acts crow_indices must run from 0 to nnz={cols.shape[0]} without decreasing")
     _check_latent_range("acts col_indices", cols, num_latents)
-    return CsrActs(acts.crow_indices().long(), cols.long(), acts.values(), num_latents)
+    return CsrActs(crow, cols.long(), acts.values(), num_latents)
 
 
 def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor]:

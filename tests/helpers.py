@@ -58,3 +58,42 @@ def make_emb(case: str, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
         emb[::5] = 0.0
         emb[1::7] = emb[3]
     return emb
+
+
+SPARSE_CASES = ["relu", "negative", "always_on_offset", "empty_rows"]
+
+
+def make_topk(case: str, n: int, m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (values, indices) pair of shape (n, k), float64 values, distinct indices per row.
+
+    "relu": positive values; "negative": signed values (implicit zeros sit inside
+    the range); "always_on_offset": latents 0 and 1 are stored in every row with
+    values 1000 + noise, so their minimum is far from 0; "empty_rows": as relu
+    with explicit zeros in some rows (still stored entries).
+    """
+    indices = torch.rand(n, m, generator=gen).argsort(dim=1)[:, :k]
+    values = torch.rand(n, k, generator=gen, dtype=torch.float64) + 0.05
+    if case == "negative":
+        values = torch.randn(n, k, generator=gen, dtype=torch.float64) * 3 - 1
+    elif case == "always_on_offset":
+        rest = 2 + torch.rand(n, m - 2, generator=gen).argsort(dim=1)[:, : k - 2]
+        indices = torch.cat([torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.long), rest], dim=1)
+        values[:, :2] = 1000 + torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    elif case == "empty_rows":
+        values[::4] = 0.0
+    elif case != "relu":
+        raise ValueError(case)
+    return values, indices
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, m: int) -> torch.Tensor:
+    """The (n, m) dense matrix of a (values, indices) pair; entries not stored are 0."""
+    return torch.zeros(values.shape[0], m, dtype=values.dtype, device=values.device).scatter_(1, indices, values)
+
+
+def sparse_form(form: str, values: torch.Tensor, indices: torch.Tensor, m: int):
+    """The same activations as "topk" (a plain tuple), "coo" or "csr"."""
+    if form == "topk":
+        return values, indices
+    dense = densify(values, indices, m)
+    return dense.to_sparse() if form == "coo" else dense.to_sparse_csr()

@@ -83,3 +83,27 @@ def test_fake_shapes(device):
         assert out.shift.shape == (7,) and out.act_range.shape == (2, 7)
         assert out.moments.shape == (4, 7) and out.moments.dtype == torch.float64
         assert out.counts.shape == (2,)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if _extension.has_kernel(d.upper())])
+def test_opcheck_csr(device):
+    from .helpers import make_topk
+
+    gen = torch.Generator().manual_seed(8)
+    values, indices = make_topk("always_on_offset", 41, 23, 5, gen)
+    emb = make_emb("zero_dup", 41, 13, gen).float().to(device)
+    crow = torch.arange(42, device=device) * 5
+    args = (crow, indices.flatten().to(device), values.flatten().float().to(device), emb, 23)
+    torch.library.opcheck(torch.ops.monoloss_kernels.monoscore_stats_csr, args)
+    half_args = (*args[:2], args[2].half(), emb.double(), 23)
+    torch.library.opcheck(torch.ops.monoloss_kernels.monoscore_stats_csr, half_args)
+
+
+def test_fake_shapes_csr():
+    crow = torch.empty(12, device="meta", dtype=torch.long)
+    cols = torch.empty(30, device="meta", dtype=torch.long)
+    out = MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr(
+        crow, cols, torch.empty(30, device="meta"), torch.empty(11, 5, device="meta"), 7
+    ))
+    assert out.cross.shape == (5, 7) and out.cross.stride() == (1, 5)  # an (M, d) buffer, transposed
+    assert out.unit_emb_sum.shape == (5,) and out.moments.shape == (4, 7) and out.act_range.shape == (2, 7)
