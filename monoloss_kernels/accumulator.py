@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
-from .stats import CsrActs, MonoScoreStats, finalize, reshift
+from .stats import CsrActs, MonoScoreStats, _reshift_moments, finalize, reshift
 
 STATE_VERSION = 1
 
@@ -169,16 +169,18 @@ class MonoScoreAccumulator:
             ))
         else:
             sums = self._sums
-            moved = reshift(stats, sums.shift)
+            # reshift(stats, sums.shift), written into the running sums without a float64 copy of cross.
+            delta = sums.shift - stats.shift.double()
+            sums.cross.add_(stats.cross).addr_(stats.unit_emb_sum, delta, alpha=-1)
             self._sums = MonoScoreStats(
-                cross=sums.cross.add_(moved.cross),
-                unit_emb_sum=sums.unit_emb_sum.add_(moved.unit_emb_sum),
+                cross=sums.cross,
+                unit_emb_sum=sums.unit_emb_sum.add_(stats.unit_emb_sum),
                 shift=sums.shift,
                 act_range=torch.stack([
                     torch.minimum(sums.act_range[0], stats.act_range[0]),
                     torch.maximum(sums.act_range[1], stats.act_range[1]),
                 ]),
-                moments=sums.moments.add_(moved.moments),
-                counts=sums.counts.add_(moved.counts),
+                moments=sums.moments.add_(_reshift_moments(stats, delta)),
+                counts=sums.counts.add_(stats.counts),
             )
         self.num_rows += num_rows
