@@ -42,7 +42,8 @@ class MonoScoreAccumulator:
                 raise TypeError(f"{name} must be a non-negative int, got {value!r}")
         self.num_latents = num_latents
         self.dim = dim
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # Resolved through an empty tensor, so that "cuda" becomes "cuda:0" as tensors report it.
+        self.device = torch.empty(0, device="cpu" if device is None else device).device
         self.backend = backend
         self.reset()
 
