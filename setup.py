@@ -15,6 +15,7 @@ Environment switches:
 
 import glob
 import os
+import sys
 
 # torch guesses CUDA_HOME from `which nvcc`; a wrapper script on PATH (as in some
 # images) makes that guess wrong, so prefer the conventional toolkit location.
@@ -50,10 +51,16 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("MONOLOSS_PYTHON_MODULE", None)]
     extra_compile_args = {"cxx": ["-O3"]}  # the C++ standard is torch's default
+    extra_link_args = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline OpenMP loop: without -fopenmp here it runs on one
+        # thread. libgomp resolves to the copy torch already loaded.
+        extra_compile_args["cxx"].append("-fopenmp")
+        extra_link_args.append("-fopenmp")
     if not with_cuda:
         return CppExtension(
-            "monoloss_kernels._C", sources,
-            define_macros=define_macros, extra_compile_args=extra_compile_args,
+            "monoloss_kernels._C", sources, define_macros=define_macros,
+            extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
         )
     # Without this, torch compiles for the GPUs it sees: none on a CI machine.
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -61,8 +68,8 @@ def _extension():
     define_macros.append(("MONOLOSS_WITH_CUDA", None))
     extra_compile_args["nvcc"] = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")]
     return CUDAExtension(
-        "monoloss_kernels._C", sources,
-        define_macros=define_macros, extra_compile_args=extra_compile_args,
+        "monoloss_kernels._C", sources, define_macros=define_macros,
+        extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
     )
 
 

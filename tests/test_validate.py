@@ -24,11 +24,11 @@ def good_inputs(device="cpu"):
         (lambda a, e: (a.int(), e), TypeError, r"acts must be float32.*got torch.int32"),
         (lambda a, e: (a > 0, e), TypeError, r"acts must be float32.*got torch.bool"),
         (lambda a, e: (a, e.to(torch.complex64)), TypeError, r"emb must be float32.*got torch.complex64"),
-        (lambda a, e: (a.numpy(), e), TypeError, r"acts must be a torch.Tensor, got ndarray"),
-        (lambda a, e: (a.to_sparse(), e), TypeError, r"acts must be a dense"),
+        (lambda a, e: (a.numpy(), e), TypeError, r"acts must be a dense \(N, M\) tensor, .*; got ndarray"),
+        (lambda a, e: (a.to_sparse_csc(), e), TypeError, r"got layout torch.sparse_csc \(convert with .to_sparse_csr\(\)\)"),
         (lambda a, e: (a, e.to("meta")), ValueError, r"same device.*acts on cpu and emb on meta"),
     ],
-    ids=["mismatched_n", "acts_rank", "emb_rank", "int", "bool", "complex", "numpy", "sparse", "devices"],
+    ids=["mismatched_n", "acts_rank", "emb_rank", "int", "bool", "complex", "numpy", "sparse_csc", "devices"],
 )
 def test_bad_inputs_raise(backend_device, make, error, match):
     backend, device = backend_device

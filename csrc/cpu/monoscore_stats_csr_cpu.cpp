@@ -4,16 +4,17 @@
 //
 //  1. per latent: number of stored entries, their min and max (one pass);
 //     shift = 0 if the latent has an implicit zero in the batch, else its min.
-//  2. a counting sort of the entries by latent (rows ascending within each
-//     latent, since rows are visited in order), which also exposes a latent
-//     stored twice in a row; the float64 moments are summed on the way.
-//  3. cross, one latent at a time: Σ_e w_e·emb[row_e] into a float64 row of d
-//     accumulators that stays in L1, gathering each embedding row once per
-//     entry. Threads take contiguous latent ranges holding equal numbers of
-//     entries, so one always-on latent does not serialise the pass.
-// Writing cross latent-major ((M, d), returned transposed) keeps each latent's
-// row contiguous; scattering rows into a (d, M) matrix would touch d cache
-// lines per entry.
+//  2. a counting sort of the entries by (row block, latent), rows ascending
+//     within each bucket since rows are visited in order, which also exposes a
+//     latent stored twice in a row; the float64 moments are summed on the way.
+//  3. cross, one block of kBlockRows rows at a time: the block's unit
+//     embeddings are regrouped into tiles of kTileWidth dims (one cache line
+//     per row, 1 MiB per tile: stays in L2), threads take whole tiles, and
+//     every latent sums Σ_e b_e·tile[row_e] over its entries in the block.
+//     Gathering whole embedding rows instead reads them from DRAM once per
+//     entry (3x slower). The tiles take O(kBlockRows·d) memory whatever N is.
+// cross is written latent-major ((M, d), returned transposed): each latent's
+// tile row is one cache line, where a (d, M) layout would take 16.
 #include "../monoscore.h"
 
 #include <ATen/ATen.h>
@@ -31,15 +32,19 @@
 namespace monoloss_kernels {
 namespace {
 
-// Embedding dims per tile: one cache line, one AVX-512 register of floats. The
-// tile of all N rows (N x 64 B: 2 MiB at N = 32768) stays in a core's L2 while
-// every entry of every latent reads it; whole rows would be gathered from L3.
+// Embedding dims per tile: one cache line, one AVX-512 register of floats.
 constexpr int64_t kTileWidth = 16;
+// Rows per block: a block of one tile is 1 MiB, half of a core's L2 on the
+// Xeon this was tuned on (N=32768, M=16384, k=32, d=512: the cross pass took
+// 82 ms with whole 2 MiB tiles, see the note in the README).
+constexpr int64_t kBlockRows = 16384;
 // Entries summed in float32 before joining the float64 total: keeps the
 // float32 rounding of a partial sum near 2^-24·sqrt(64).
 constexpr int64_t kEntriesPerPartial = 64;
-// Rows per task when building the tiles.
+// Rows per task when building the tiles; rows summed in float32 before their
+// float64 total (as the dense kernel's chunks).
 constexpr int64_t kRowGrain = 256;
+constexpr int64_t kRowsPerPartial = 64;
 
 // One tile row of floats as a GCC/Clang vector: AVX-512 in the avx512f clone,
 // split into AVX2/SSE registers by the others. Written with vector types
@@ -59,7 +64,8 @@ __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
 void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
                       const float* __restrict__ weights, const float* __restrict__ tile, int64_t j0,
-                      int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width) {
+                      int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width,
+                      bool accumulate) {
   for (int64_t j = j0; j < j1; ++j) {
     double total[kTileWidth] = {};
     for (int64_t e0 = latent_offsets[j]; e0 < latent_offsets[j + 1]; e0 += kEntriesPerPartial) {
@@ -78,7 +84,46 @@ void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t*
       const TileVec partial = (p0 + p1) + (p2 + p3);
       for (int64_t i = 0; i < kTileWidth; ++i) total[i] += partial[i];
     }
-    for (int64_t i = 0; i < width; ++i) out[j * out_stride + i] = static_cast<float>(total[i]);
+    float* out_row = out + j * out_stride;
+    for (int64_t i = 0; i < width; ++i) {
+      out_row[i] = (accumulate ? out_row[i] : 0.0f) + static_cast<float>(total[i]);
+    }
+  }
+}
+
+// Unit embedding rows [n0, n1) into the tiles (num_tiles, tile_rows, kTileWidth)
+// of the block starting at row_base, zero-padded past d; adds their column sums
+// into unit_sum (d, float64).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void unit_tiles(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t n0,
+                int64_t n1, int64_t row_base, int64_t tile_rows, int64_t d, float* __restrict__ tiles,
+                double* __restrict__ unit_sum) {
+  const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth, full_tiles = d / kTileWidth;
+  // Plain floats: a std::vector<TileVec> would not get the vectors' 64-byte alignment.
+  std::vector<float> partial(num_tiles * kTileWidth);
+  for (int64_t r0 = n0; r0 < n1; r0 += kRowsPerPartial) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    for (int64_t n = r0; n < std::min(r0 + kRowsPerPartial, n1); ++n) {
+      const float* row = emb + n * d;
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        TileVec unit = {};
+        if (t < full_tiles) {
+          unit = load_tile_row(row + t * kTileWidth) * inv_norm[n];
+        } else {
+          for (int64_t i = 0; i < d - t * kTileWidth; ++i) unit[i] = row[t * kTileWidth + i] * inv_norm[n];
+        }
+        __builtin_memcpy(tiles + (t * tile_rows + n - row_base) * kTileWidth, &unit, sizeof(unit));
+        const TileVec sum = load_tile_row(&partial[t * kTileWidth]) + unit;
+        __builtin_memcpy(&partial[t * kTileWidth], &sum, sizeof(sum));
+      }
+    }
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      for (int64_t i = 0; i < std::min(kTileWidth, d - t * kTileWidth); ++i) {
+        unit_sum[t * kTileWidth + i] += partial[t * kTileWidth + i];
+      }
+    }
   }
 }
 
@@ -105,8 +150,11 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz,
                     "monoscore_stats_csr: crow_indices must run from 0 to nnz=" + std::to_string(nnz));
 
-  // 1. Stored entries per latent, their min and max; the shift.
-  std::vector<int64_t> latent_offsets(M + 1, 0);
+  // 1. Stored entries per latent, their min and max; the shift. Entries per
+  // (row block, latent) bucket; bucket_offsets becomes their exclusive scan.
+  const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
+  std::vector<int64_t> bucket_offsets(num_blocks * M + 1, 0);
+  std::vector<int64_t> stored(M, 0);
   at::Tensor act_range = at::empty({2, M}, f32);
   at::Tensor shift = at::empty({M}, f32);
   {
@@ -121,24 +169,25 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
         TORCH_CHECK_VALUE(j >= 0 && j < M, "monoscore_stats_csr: col_indices must lie in [0, num_latents=" +
                                                std::to_string(M) + "), got " + std::to_string(j));
         const float a = static_cast<float>(vals[e]);
-        ++latent_offsets[j + 1];
+        ++bucket_offsets[(n / kBlockRows) * M + j + 1];
+        ++stored[j];
         act_min[j] = std::min(act_min[j], a);
         act_max[j] = std::max(act_max[j], a);
       }
     }
     float* shift_ptr = shift.data_ptr<float>();
     for (const auto j : c10::irange(M)) {
-      const bool has_implicit_zero = latent_offsets[j + 1] < N;
+      const bool has_implicit_zero = stored[j] < N;
       shift_ptr[j] = has_implicit_zero ? 0.0f : act_min[j];
       if (has_implicit_zero) {
         act_min[j] = std::min(act_min[j], 0.0f);
         act_max[j] = std::max(act_max[j], 0.0f);
       }
-      latent_offsets[j + 1] += latent_offsets[j];
     }
+    for (int64_t i = 0; i < num_blocks * M; ++i) bucket_offsets[i + 1] += bucket_offsets[i];
   }
 
-  // 2. Counting sort by latent; moments; duplicate check.
+  // 2. Counting sort by (row block, latent); moments; duplicate check.
   std::vector<int32_t> entry_rows(nnz);
   std::vector<float> entry_weights(nnz);  // b; the tiles hold unit embeddings
   at::Tensor moments = at::zeros({4, M}, f64);
@@ -148,16 +197,17 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
     double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
     const float* shift_ptr = shift.const_data_ptr<float>();
-    std::vector<int64_t> next(latent_offsets.begin(), latent_offsets.end() - 1);
+    std::vector<int64_t> next(bucket_offsets.begin(), bucket_offsets.end() - 1);
     for (const auto n : c10::irange(N)) {
+      const int64_t first_bucket = (n / kBlockRows) * M;
       for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
         const int64_t j = cols[e];
-        const int64_t pos = next[j]++;
-        TORCH_CHECK_VALUE(pos == latent_offsets[j] || entry_rows[pos - 1] != n,
+        const int64_t pos = next[first_bucket + j]++;
+        TORCH_CHECK_VALUE(pos == bucket_offsets[first_bucket + j] || entry_rows[pos - 1] != n % kBlockRows,
                           "acts stores latent " + std::to_string(j) + " twice in row " + std::to_string(n) +
                               "; the latent indices of a row must be distinct (as torch.topk returns them)");
         const double b = vals[e] - static_cast<double>(shift_ptr[j]);
-        entry_rows[pos] = static_cast<int32_t>(n);
+        entry_rows[pos] = static_cast<int32_t>(n % kBlockRows);  // the row within its block
         entry_weights[pos] = static_cast<float>(b);
         sum_b[j] += b;
         sumsq_b[j] += b * b;
@@ -169,45 +219,35 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     }
   }
 
-  // 3. cross, latent-major, one kTileWidth-wide tile of the unit embeddings at
-  // a time: threads take tiles, each streaming all entries past its own tile.
+  // 3. cross, block by block of rows; each block's tiles, then one tile per thread.
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
-  at::Tensor tiles = at::empty({num_tiles, N, kTileWidth}, f32);  // zero-padded past d
+  const int64_t tile_rows = std::min(N, kBlockRows);
+  at::Tensor tiles = at::empty({num_tiles, tile_rows, kTileWidth}, f32);
   at::Tensor unit_emb_sum = at::zeros({d}, f64);
-  {
+  at::Tensor cross_t = at::empty({M, d}, f32);
+  if (d > 0) {
     const float* emb_ptr = emb32.const_data_ptr<float>();
     float* tiles_ptr = tiles.data_ptr<float>();
-    double* sum_ptr = unit_emb_sum.data_ptr<double>();
-    std::mutex sum_mutex;
-    at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
-      std::vector<double> partial_sum(d, 0.0);
-      for (int64_t n = n0; n < n1; ++n) {
-        const float* row = emb_ptr + n * d;
-        for (int64_t t = 0; t < num_tiles; ++t) {
-          float* out = tiles_ptr + (t * N + n) * kTileWidth;
-          for (int64_t i = 0; i < kTileWidth; ++i) {
-            const int64_t col = t * kTileWidth + i;
-            const float unit = col < d ? row[col] * inv_norm[n] : 0.0f;
-            out[i] = unit;
-            if (col < d) partial_sum[col] += unit;
-          }
-        }
-      }
-      const std::lock_guard<std::mutex> lock(sum_mutex);
-      for (int64_t i = 0; i < d; ++i) sum_ptr[i] += partial_sum[i];
-    });
-  }
-  at::Tensor cross_t = at::empty({M, d}, f32);
-  if (M > 0 && d > 0) {
-    const float* tiles_ptr = tiles.const_data_ptr<float>();
     float* cross_ptr = cross_t.data_ptr<float>();
-    at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        latent_tile_sums(latent_offsets.data(), entry_rows.data(), entry_weights.data(),
-                         tiles_ptr + t * N * kTileWidth, 0, M, cross_ptr + t * kTileWidth, d,
-                         std::min(kTileWidth, d - t * kTileWidth));
-      }
-    });
+    std::mutex sum_mutex;
+    for (int64_t block = 0; block < num_blocks; ++block) {
+      const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
+      at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
+        std::vector<double> partial_sum(d, 0.0);
+        unit_tiles(emb_ptr, inv_norm, n0, n1, row_base, tile_rows, d, tiles_ptr, partial_sum.data());
+        const std::lock_guard<std::mutex> lock(sum_mutex);
+        double* sum_ptr = unit_emb_sum.data_ptr<double>();
+        for (int64_t i = 0; i < d; ++i) sum_ptr[i] += partial_sum[i];
+      });
+      if (M == 0) continue;
+      at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          latent_tile_sums(bucket_offsets.data() + block * M, entry_rows.data(), entry_weights.data(),
+                           tiles_ptr + t * tile_rows * kTileWidth, 0, M, cross_ptr + t * kTileWidth, d,
+                           std::min(kTileWidth, d - t * kTileWidth), /*accumulate=*/block > 0);
+        }
+      });
+    }
   }
 
   const at::Tensor counts = at::stack({at::scalar_tensor(static_cast<double>(N), f64),

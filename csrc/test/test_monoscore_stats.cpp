@@ -1,4 +1,5 @@
-// C++ test of the monoloss_kernels::monoscore_stats op on CPU, run by ctest.
+// C++ test of the monoloss_kernels::monoscore_stats and monoscore_stats_csr ops
+// on CPU, run by ctest.
 //
 // Calls the op through the dispatcher, as any C++ or Python caller does, and
 // checks the statistics against a float64 reference built from ATen ops. The
@@ -85,14 +86,25 @@ bool has(const at::Tensor& t, at::IntArrayRef sizes, at::ScalarType dtype) {
   return t.sizes() == sizes && t.scalar_type() == dtype && t.device().is_cpu();
 }
 
+// The sparse op on the CSR form of acts: entries not stored are 0.
+Stats monoscore_stats_csr(const at::Tensor& acts, const at::Tensor& emb) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("monoloss_kernels::monoscore_stats_csr", "")
+          .typed<Stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       int64_t)>();
+  const at::Tensor csr = acts.to_sparse_csr();
+  return op.call(csr.crow_indices(), csr.col_indices(), csr.values(), emb, acts.size(1));
+}
+
 // One input layout: the op's outputs against the float64 reference.
 void check_stats(const std::string& name, const at::Tensor& acts, const at::Tensor& emb,
-                 int64_t constant_latent) {
+                 int64_t constant_latent, bool sparse = false) {
   std::printf("-- %s: acts %s strides %s, emb %s\n", name.c_str(),
               c10::toString(acts.scalar_type()), c10::str(acts.strides()).c_str(),
               c10::str(emb.sizes()).c_str());
   const int64_t N = acts.size(0), M = acts.size(1), d = emb.size(1);
-  const Stats stats = monoscore_stats(acts, emb);
+  const Stats stats = sparse ? monoscore_stats_csr(acts, emb) : monoscore_stats(acts, emb);
   const auto& [cross, unit_emb_sum, shift, act_range, moments, counts] = stats;
 
   expect(has(cross, {d, M}, at::kFloat), name + ": cross is (d, M) float32");
@@ -146,6 +158,8 @@ int main() {
     // Column-major and float64 acts: the staged path (shift = acts[0]).
     check_stats("float32 column-major", acts.t().contiguous().t(), emb, kConstantLatent);
     check_stats("float64", acts.to(at::kDouble), emb.to(at::kDouble), kConstantLatent);
+    // CSR: the ReLU zeros are not stored; the offset latent is stored in every row.
+    check_stats("float32 CSR", acts, emb, kConstantLatent, /*sparse=*/true);
 
     bool threw = false;
     try {
