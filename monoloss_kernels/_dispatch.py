@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
-from .stats import CsrActs, MonoScoreStats, torch_monoscore_stats, torch_monoscore_stats_csr
+from .stats import CsrActs, MonoScoreStats
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
@@ -27,6 +27,16 @@ def _cpp_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
 
 def _cpp_csr_stats(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
     return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr(
+        acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents
+    ))
+
+
+def _torch_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
+    return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_torch(acts, emb))
+
+
+def _torch_csr_stats(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
+    return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr_torch(
         acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents
     ))
 
@@ -60,7 +70,7 @@ def stats_function(backend: str, device: torch.device, sparse: bool = False) -> 
     if backend == "auto":
         backend = available_backends(device)[0]
     if backend == "torch":
-        return torch_monoscore_stats_csr if sparse else torch_monoscore_stats
+        return _torch_csr_stats if sparse else _torch_stats
     if backend == "triton":
         if triton_stats is None:
             raise RuntimeError(TRITON_ERROR)

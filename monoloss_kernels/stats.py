@@ -248,3 +248,30 @@ def torch_monoscore_stats_csr(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
         e = slice(e0, e0 + TORCH_ROWS_PER_PRODUCT)
         cross_t.index_add_(0, acts.col_indices[e], unit_emb[rows[e]] * b[e, None])
     return stats._replace(cross=cross_t.float().T)
+
+
+# The plain-torch statistics as ops, like every other backend: one registered
+# backward (monoloss_kernels/_autograd.py) then serves them all.
+StatsTuple = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("monoloss_kernels::monoscore_stats_torch", mutates_args=())
+def monoscore_stats_torch(acts: Tensor, emb: Tensor) -> StatsTuple:
+    return tuple(torch_monoscore_stats(acts, emb))
+
+
+@monoscore_stats_torch.register_fake
+def _(acts, emb):
+    return tuple(empty_stats_like(acts, emb))
+
+
+@torch.library.custom_op("monoloss_kernels::monoscore_stats_csr_torch", mutates_args=())
+def monoscore_stats_csr_torch(
+    crow_indices: Tensor, col_indices: Tensor, values: Tensor, emb: Tensor, num_latents: int
+) -> StatsTuple:
+    return tuple(torch_monoscore_stats_csr(CsrActs(crow_indices, col_indices, values, num_latents), emb))
+
+
+@monoscore_stats_csr_torch.register_fake
+def _(crow_indices, col_indices, values, emb, num_latents):
+    return tuple(empty_stats_like(emb, emb, num_latents))

@@ -11,7 +11,7 @@ whatever the distribution of latents.
 
 The duplicate check reads one number back from the device (the sort that
 orders entries by latent exposes them), so unlike the dense kernel this path
-is a plain function rather than a traceable op.
+is an opaque `torch.library.custom_op` rather than a traceable `triton_op`.
 """
 
 import os
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..stats import CsrActs, MonoScoreStats, csr_latent_stats, latent_major_order
+from ..stats import CsrActs, MonoScoreStats, csr_latent_stats, empty_stats_like, latent_major_order
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -77,7 +77,7 @@ def _work_items(latent_offsets: torch.Tensor, num_entries: int):
     return latent, begin, end
 
 
-def triton_csr_stats(acts: CsrActs, emb: torch.Tensor) -> MonoScoreStats:
+def _csr_stats(acts: CsrActs, emb: torch.Tensor) -> MonoScoreStats:
     """`MonoScoreStats` of sparse acts; cross from `_csr_cross_kernel`."""
     stats, rows, b, inv_norm = csr_latent_stats(acts, emb)
     order = latent_major_order(acts, rows)
@@ -96,3 +96,22 @@ def triton_csr_stats(acts: CsrActs, emb: torch.Tensor) -> MonoScoreStats:
             BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS,
         )
     return stats._replace(cross=cross_t.T)
+
+
+@torch.library.custom_op("monoloss_kernels::monoscore_stats_csr_triton", mutates_args=())
+def monoscore_stats_csr_triton(
+    crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor, emb: torch.Tensor, num_latents: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`MonoScoreStats` of CSR activations computed with `_csr_cross_kernel`."""
+    return tuple(_csr_stats(CsrActs(crow_indices, col_indices, values, num_latents), emb))
+
+
+@monoscore_stats_csr_triton.register_fake
+def _(crow_indices, col_indices, values, emb, num_latents):
+    return tuple(empty_stats_like(emb, emb, num_latents))
+
+
+def triton_csr_stats(acts: CsrActs, emb: torch.Tensor) -> MonoScoreStats:
+    return MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr_triton(
+        acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents
+    ))

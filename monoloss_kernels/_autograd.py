@@ -1,0 +1,152 @@
+r"""The backward of the statistics ops, registered once for every backend.
+
+MonoLoss needs gradients of the statistics only: `finalize` and the loss are
+plain torch, and autograd differentiates them. For the statistics of
+b = a - shift (Ê the unit rows of emb, w[n] = 1 for zero-norm rows):
+
+    ∂L/∂a[n,k] = (Ê G)[n,k]              G = ∂L/∂cross          (d, M)
+               + g₀[k] + 2 b[n,k] g₁[k]  g = ∂L/∂moments        (4, M)
+               + w[n] (g₂[k] + 2 b[n,k] g₃[k])
+               + [a[n,k] = min_k] ∂L/∂min_k / #ties + the same for max
+
+The shift is held constant: every backend's statistics give the same scores
+for any shift, so its own derivative cancels against those of the sums and is
+dropped (its incoming gradient is ignored). Ties at the minimum or maximum
+share its gradient evenly, as torch.amin/amax do; for sparse inputs the
+implicit zeros count among the ties. With emb requiring grad, ∂L/∂Ê = B Gᵀ + ∂L/∂ΣÊ
+goes through the row normalisation.
+
+Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones.
+"""
+
+import torch
+from torch import Tensor
+
+from .stats import row_inv_norm
+
+# Entries per gathered (entries, d) block in the sparse backward.
+ENTRIES_PER_BLOCK = 8192
+
+
+def _tie_share(is_extreme: Tensor, grad: Tensor, num_ties: Tensor) -> Tensor:
+    return is_extreme * (grad / num_ties.clamp(min=1))
+
+
+def _emb_grad(emb: Tensor, inv_norm: Tensor, unit: Tensor, grad_unit: Tensor) -> Tensor:
+    """∂L/∂emb from ∂L/∂Ê through Ê = emb / ‖emb‖ (zero rows: 0)."""
+    radial = (unit * grad_unit).sum(1, keepdim=True)
+    return ((grad_unit - unit * radial) * inv_norm[:, None]).to(emb.dtype)
+
+
+def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+    acts, emb, shift = ctx.saved_tensors
+    inv_norm = row_inv_norm(emb)
+    unit = emb.float() * inv_norm[:, None]  # (N, d)
+    b = acts.float() - shift  # (N, M)
+    grad_acts = grad_emb = None
+    if ctx.needs_input_grad[0]:
+        grad = unit @ grad_cross.float() if grad_cross is not None else torch.zeros_like(b)
+        if grad_moments is not None:
+            g = grad_moments.float()
+            grad += g[0] + 2 * b * g[1]
+            zero_rows = (inv_norm == 0)[:, None]
+            grad += zero_rows * (g[2] + 2 * b * g[3])
+        if grad_range is not None:
+            for extreme, g in zip((acts.amin(0), acts.amax(0)), grad_range.float()):
+                is_extreme = acts == extreme
+                grad += _tie_share(is_extreme, g, is_extreme.sum(0))
+        grad_acts = grad.to(acts.dtype)
+    if ctx.needs_input_grad[1]:
+        grad_unit = torch.zeros_like(unit)
+        if grad_cross is not None:
+            grad_unit += b @ grad_cross.float().T
+        if grad_unit_emb_sum is not None:
+            grad_unit += grad_unit_emb_sum.float()
+        grad_emb = _emb_grad(emb, inv_norm, unit, grad_unit)
+    return grad_acts, grad_emb
+
+
+def dense_setup_context(ctx, inputs, output):
+    acts, emb = inputs
+    ctx.save_for_backward(acts, emb, output[2])
+
+
+def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+    crow_indices, cols, values, emb, shift = ctx.saved_tensors
+    num_latents = ctx.num_latents
+    num_rows = crow_indices.shape[0] - 1
+    rows = torch.repeat_interleave(
+        torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
+    )
+    inv_norm = row_inv_norm(emb)
+    unit = emb.float() * inv_norm[:, None]
+    b = values.float() - shift[cols]  # (nnz,)
+    grad_cross_t = grad_cross.float().T if grad_cross is not None else None  # (M, d)
+    grad_values = grad_emb = None
+    if ctx.needs_input_grad[2]:
+        grad = torch.zeros_like(b)
+        if grad_cross_t is not None:
+            for e0 in range(0, b.shape[0], ENTRIES_PER_BLOCK):  # Σ_d Ê[row_e, d] G[d, col_e], blockwise
+                e = slice(e0, e0 + ENTRIES_PER_BLOCK)
+                grad[e] = (unit[rows[e]] * grad_cross_t[cols[e]]).sum(1)
+        if grad_moments is not None:
+            g = grad_moments.float()[:, cols]  # (4, nnz)
+            grad += g[0] + 2 * b * g[1] + (inv_norm[rows] == 0) * (g[2] + 2 * b * g[3])
+        if grad_range is not None:
+            stored = torch.zeros(num_latents, device=emb.device).index_add_(0, cols, torch.ones_like(b))
+            implicit_zeros = num_rows - stored
+            for reduce, g in zip(("amin", "amax"), grad_range.float()):
+                fill = float("inf") if reduce == "amin" else float("-inf")
+                extreme = torch.full((num_latents,), fill, device=emb.device, dtype=values.dtype)
+                extreme = extreme.scatter_reduce(0, cols, values, reduce)
+                zero = torch.zeros_like(extreme)
+                bound = torch.minimum if reduce == "amin" else torch.maximum
+                extreme = torch.where(implicit_zeros > 0, bound(extreme, zero), extreme)
+                is_extreme = values == extreme[cols]
+                num_ties = torch.zeros_like(stored).index_add_(0, cols, is_extreme.float())
+                num_ties += torch.where(extreme == 0, implicit_zeros, 0)
+                grad += _tie_share(is_extreme, g[cols], num_ties[cols])
+        grad_values = grad.to(values.dtype)
+    if ctx.needs_input_grad[3]:
+        grad_unit = torch.zeros_like(unit)
+        if grad_cross_t is not None:
+            for e0 in range(0, b.shape[0], ENTRIES_PER_BLOCK):
+                e = slice(e0, e0 + ENTRIES_PER_BLOCK)
+                grad_unit.index_add_(0, rows[e], grad_cross_t[cols[e]] * b[e, None])
+        if grad_unit_emb_sum is not None:
+            grad_unit += grad_unit_emb_sum.float()
+        grad_emb = _emb_grad(emb, inv_norm, unit, grad_unit)
+    return None, None, grad_values, grad_emb, None
+
+
+def csr_setup_context(ctx, inputs, output):
+    crow_indices, col_indices, values, emb, num_latents = inputs
+    ctx.num_latents = num_latents
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, output[2])
+
+
+DENSE_STATS_OPS = (
+    "monoloss_kernels::monoscore_stats",
+    "monoloss_kernels::monoscore_stats_triton",
+    "monoloss_kernels::monoscore_stats_torch",
+)
+CSR_STATS_OPS = (
+    "monoloss_kernels::monoscore_stats_csr",
+    "monoloss_kernels::monoscore_stats_csr_triton",
+    "monoloss_kernels::monoscore_stats_csr_torch",
+)
+
+
+def _exists(name: str) -> bool:
+    namespace, op = name.split("::")
+    return hasattr(getattr(torch.ops, namespace), op)
+
+
+def register() -> None:
+    """Registers the backward for each op that exists (the C++ and Triton ones are optional)."""
+    for names, backward, setup_context in (
+        (DENSE_STATS_OPS, dense_stats_backward, dense_setup_context),
+        (CSR_STATS_OPS, csr_stats_backward, csr_setup_context),
+    ):
+        for name in filter(_exists, names):
+            torch.library.register_autograd(name, backward, setup_context=setup_context)
