@@ -132,7 +132,7 @@ class MonoScoreAccumulator:
         """(M,) float32 MonoScore of every row seen; NaN where undefined (all NaN below 2 rows)."""
         if self.num_rows < 2:
             return torch.full((self.num_latents,), float("nan"), device=self.device)
-        return finalize(self._sums)
+        return finalize(self._sums).float()
 
     def state_dict(self) -> dict:
         """The running sums (float64 tensors) and sizes, for torch.save / checkpoints."""

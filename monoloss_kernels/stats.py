@@ -102,7 +102,8 @@ def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
 
 
 def finalize(stats: MonoScoreStats) -> Tensor:
-    """MonoScore per latent, (M,) float32, NaN where undefined. Differentiable.
+    """MonoScore per latent, (M,) in the dtype of `cross` (float32 from every kernel;
+    float64 sums give float64 scores), NaN where undefined. Differentiable.
 
     Works at the shift b = a - min (= ã·(max - min)). Σ Ê b is formed in the
     float32 of `cross` (the shift is at most a few ranges, so nothing cancels;
@@ -121,7 +122,7 @@ def finalize(stats: MonoScoreStats) -> Tensor:
     defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)
     safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
     score = torch.where(defined, numerator / safe_denominator, torch.full_like(numerator, float("nan")))
-    return score.float()
+    return score.to(dtype)
 
 
 def row_inv_norm(emb: Tensor) -> Tensor:

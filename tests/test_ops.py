@@ -16,6 +16,13 @@ STATS_OPS = {
     "cpu": torch.ops.monoloss_kernels.monoscore_stats,
     "cuda": torch.ops.monoloss_kernels.monoscore_stats,
     "triton": torch.ops.monoloss_kernels.monoscore_stats_triton,
+    "torch": torch.ops.monoloss_kernels.monoscore_stats_torch,
+}
+CSR_STATS_OPS = {
+    "cpu": torch.ops.monoloss_kernels.monoscore_stats_csr,
+    "cuda": torch.ops.monoloss_kernels.monoscore_stats_csr,
+    "triton": torch.ops.monoloss_kernels.monoscore_stats_csr_triton,
+    "torch": torch.ops.monoloss_kernels.monoscore_stats_csr_torch,
 }
 
 
@@ -85,25 +92,28 @@ def test_fake_shapes(device):
         assert out.counts.shape == (2,)
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if _extension.has_kernel(d.upper())])
-def test_opcheck_csr(device):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES, ids=lambda x: str(x))
+def test_opcheck_csr(backend, device):
+    """Schema, fake tensors and the registered backward (values and emb require grad)."""
     from .helpers import make_topk
 
     gen = torch.Generator().manual_seed(8)
     values, indices = make_topk("always_on_offset", 41, 23, 5, gen)
-    emb = make_emb("zero_dup", 41, 13, gen).float().to(device)
+    emb = make_emb("zero_dup", 41, 13, gen).float().to(device).requires_grad_()
     crow = torch.arange(42, device=device) * 5
-    args = (crow, indices.flatten().to(device), values.flatten().float().to(device), emb, 23)
-    torch.library.opcheck(torch.ops.monoloss_kernels.monoscore_stats_csr, args)
-    half_args = (*args[:2], args[2].half(), emb.double(), 23)
-    torch.library.opcheck(torch.ops.monoloss_kernels.monoscore_stats_csr, half_args)
+    values = values.flatten().float().to(device).requires_grad_()
+    args = (crow, indices.flatten().to(device), values, emb, 23)
+    # The Triton interpreter and the custom ops holding a host sync cannot be traced by AOTAutograd.
+    test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(CSR_STATS_OPS[backend], args, test_utils=test_utils)
+    half_args = (*args[:2], values.detach().half(), emb.detach().double(), 23)
+    torch.library.opcheck(CSR_STATS_OPS[backend], half_args, test_utils=test_utils)
 
 
 def test_fake_shapes_csr():
     crow = torch.empty(12, device="meta", dtype=torch.long)
     cols = torch.empty(30, device="meta", dtype=torch.long)
-    out = MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_csr(
-        crow, cols, torch.empty(30, device="meta"), torch.empty(11, 5, device="meta"), 7
-    ))
-    assert out.cross.shape == (5, 7) and out.cross.stride() == (1, 5)  # an (M, d) buffer, transposed
-    assert out.unit_emb_sum.shape == (5,) and out.moments.shape == (4, 7) and out.act_range.shape == (2, 7)
+    for op in {id(o): o for o in CSR_STATS_OPS.values()}.values():
+        out = MonoScoreStats(*op(crow, cols, torch.empty(30, device="meta"), torch.empty(11, 5, device="meta"), 7))
+        assert out.cross.shape == (5, 7) and out.cross.stride() == (1, 5)  # an (M, d) buffer, transposed
+        assert out.unit_emb_sum.shape == (5,) and out.moments.shape == (4, 7) and out.act_range.shape == (2, 7)

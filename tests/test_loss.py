@@ -1,0 +1,222 @@
+"""MonoLoss and its gradients on every backend, dense and TopK, against torch autograd
+of the float64 closed form; gradcheck of the registered backward in float64."""
+
+import pytest
+import torch
+
+import monoloss_kernels as mk
+from monoloss_kernels import _autograd
+from monoloss_kernels.stats import MonoScoreStats, finalize
+
+from .helpers import densify, make_acts, make_emb, make_topk
+
+# The issue's float32 bounds: the loss within 1e-5, the gradient within 1e-4 of its largest entry.
+LOSS_ATOL = 1e-5
+GRAD_RTOL_OF_MAX = 1e-4
+
+DENSE_CASES = ["relu", "negative", "offset", "mixed_offset", "dead_constant"]
+TOPK_CASES = ["relu", "negative", "always_on_offset", "empty_rows"]
+
+
+def reference_scores(acts: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """The float64 closed form, written so that autograd differentiates it (min and max
+    included; constant latents masked before the division, so their gradient is 0)."""
+    a, e = acts.double(), emb.double()
+    lo, hi = a.amin(0), a.amax(0)
+    live = hi > lo
+    scaled = (a - lo) / torch.where(live, hi - lo, 1.0)
+    norm = e.norm(dim=1, keepdim=True)
+    unit = torch.where(norm > 0, e / torch.where(norm > 0, norm, 1.0), 0.0)
+    unit_weight = (norm[:, 0] > 0).double()
+    cross = unit.T @ scaled
+    numerator = (cross * cross).sum(0) - unit_weight @ (scaled * scaled)
+    sum_a = scaled.sum(0)
+    denominator = sum_a * sum_a - (scaled * scaled).sum(0)
+    defined = live & (denominator > 1e-12 * sum_a * sum_a)
+    return torch.where(defined, numerator / torch.where(defined, denominator, 1.0), float("nan"))
+
+
+def reference_loss(acts, emb):
+    scores = reference_scores(acts, emb)
+    defined = scores.isfinite()
+    return 1 - torch.where(defined, scores, 0.0).sum() / defined.sum().clamp(min=1)
+
+
+def check_grad(grad, expected):
+    assert grad.shape == expected.shape and torch.isfinite(grad).all()
+    scale = expected.abs().max()
+    assert scale > 0, "the reference gradient must not vanish, or the check is empty"
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=GRAD_RTOL_OF_MAX * scale.item())
+
+
+@pytest.mark.parametrize("case", DENSE_CASES)
+def test_dense_loss_and_gradient(backend_device, case):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    acts = make_acts(case, 83, 29, gen).float()
+    emb = make_emb("zero_dup", 83, 13, gen).float()
+    ref_acts = acts.double().requires_grad_()
+    expected = reference_loss(ref_acts, emb)
+    expected.backward()
+
+    ours_acts = acts.to(device).requires_grad_()
+    loss = mk.monoloss(ours_acts, emb.to(device), backend=backend)
+    loss.backward()
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) <= LOSS_ATOL
+    check_grad(ours_acts.grad.cpu(), ref_acts.grad)
+
+
+@pytest.mark.parametrize("case", TOPK_CASES)
+def test_topk_loss_and_gradient(backend_device, case):
+    """The gradient reaches the k stored values of each row, and equals the dense
+    gradient there (implicit zeros at a latent's min or max share its gradient)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    values, indices = make_topk(case, 97, 31, 6, gen)
+    values = values.float()
+    emb = make_emb("zero_dup", 97, 17, gen).float()
+    ref_values = values.double().requires_grad_()
+    expected = reference_loss(densify(ref_values, indices, 31), emb)
+    expected.backward()
+
+    ours = values.to(device).requires_grad_()
+    loss = mk.monoloss((ours, indices.to(device)), emb.to(device), num_latents=31, backend=backend)
+    loss.backward()
+    assert abs(loss.item() - expected.item()) <= LOSS_ATOL
+    check_grad(ours.grad.cpu(), ref_values.grad)
+
+
+def test_emb_gradient(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(41)
+    acts = make_acts("negative", 71, 19, gen).float()
+    emb = make_emb("zero_dup", 71, 9, gen).float()
+    ref_emb = emb.double().requires_grad_()
+    reference_loss(acts, ref_emb).backward()
+    ours = emb.to(device).requires_grad_()
+    mk.monoloss(acts.to(device), ours, backend=backend, differentiable_emb=True).backward()
+    check_grad(ours.grad.cpu(), ref_emb.grad)
+    # TopK: the same through the sparse backward.
+    values, indices = make_topk("negative", 71, 19, 4, gen)
+    ref_emb.grad = None
+    reference_loss(densify(values, indices, 19), ref_emb).backward()
+    ours.grad = None
+    pair = (values.float().to(device), indices.to(device))
+    mk.monoloss(pair, ours, num_latents=19, backend=backend, differentiable_emb=True).backward()
+    check_grad(ours.grad.cpu(), ref_emb.grad)
+
+
+def test_emb_is_constant_by_default():
+    gen = torch.Generator().manual_seed(43)
+    acts = make_acts("relu", 40, 7, gen).float().requires_grad_()
+    emb = make_emb("plain", 40, 5, gen).float().requires_grad_()
+    mk.monoloss(acts, emb).backward()
+    assert acts.grad is not None and emb.grad is None
+
+
+def test_reduction_none_and_module(backend_device):
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(47)
+    acts = make_acts("dead_constant", 60, 11, gen).float().to(device).requires_grad_()
+    emb = make_emb("plain", 60, 6, gen).float().to(device)
+    scores = mk.monoloss(acts, emb, reduction="none", backend=backend)
+    torch.testing.assert_close(scores, mk.monoscore(acts.detach(), emb, backend=backend), equal_nan=True)
+    assert scores[:3].isnan().all() and scores[3:].isfinite().all()
+    scores[3:].sum().backward()
+    assert torch.isfinite(acts.grad).all() and acts.grad[:, 0].eq(0).all()  # the dead latent gets nothing
+    module = mk.MonoLoss(backend=backend)
+    torch.testing.assert_close(module(acts, emb), 1 - scores[3:].mean())
+    assert "backend" in repr(module)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (torch.rand(1, 6), torch.rand(1, 4)),  # one sample: no pair
+    lambda: (torch.full((9, 6), 2.5), torch.rand(9, 4)),  # every latent constant
+], ids=["one-row", "all-constant"])
+def test_no_defined_latent_gives_one_and_zero_gradient(make):
+    acts, emb = make()
+    acts.requires_grad_()
+    loss = mk.monoloss(acts, emb)
+    loss.backward()
+    assert loss.item() == 1.0 and acts.grad.eq(0).all()
+
+
+def test_bad_input_raises():
+    acts, emb = torch.rand(10, 4), torch.rand(10, 3)
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'none'\), got 'sum'"):
+        mk.monoloss(acts, emb, reduction="sum")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        mk.MonoLoss(reduction="sum")
+    bad = acts.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="acts contains NaN or Inf"):
+        mk.monoloss(bad.requires_grad_(), emb)
+
+
+# gradcheck needs a float64 forward; the kernels accumulate cross in float32. So the
+# registered backward is attached to a float64 statistics op defined here, and
+# gradcheck compares it with finite differences of that op.
+@torch.library.custom_op("monoloss_tests::stats_float64", mutates_args=())
+def _stats_float64(acts: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    inv_norm = torch.where(emb.norm(dim=1) > 0, 1 / emb.norm(dim=1), 0.0)
+    unit = emb * inv_norm[:, None]
+    shift = acts[0].float()
+    b = acts - shift.double()
+    zero = (inv_norm == 0)[:, None]
+    moments = torch.stack([b.sum(0), (b * b).sum(0), (b * zero).sum(0), (b * b * zero).sum(0)])
+    counts = torch.tensor([float(acts.shape[0]), float((inv_norm > 0).sum())], dtype=torch.float64)
+    return unit.T @ b, unit.sum(0), shift, torch.stack([acts.amin(0), acts.amax(0)]), moments, counts
+
+
+torch.library.register_autograd("monoloss_tests::stats_float64", _autograd.dense_stats_backward,
+                                setup_context=_autograd.dense_setup_context)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(53)
+    acts = make_acts("negative", 23, 5, gen).requires_grad_()
+    # No zero rows: a finite difference would turn one into a unit vector (not differentiable there).
+    emb = make_emb("plain", 23, 4, gen).requires_grad_()
+
+    def loss(a, e):
+        scores = finalize(MonoScoreStats(*torch.ops.monoloss_tests.stats_float64(a, e)))
+        return torch.where(scores.isfinite(), scores, 0.0).sum()
+
+    assert torch.autograd.gradcheck(loss, (acts, emb), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@torch.library.custom_op("monoloss_tests::stats_csr_float64", mutates_args=())
+def _stats_csr_float64(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                       emb: torch.Tensor, num_latents: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = torch.repeat_interleave(torch.arange(emb.shape[0]), crow_indices.diff())
+    dense = torch.zeros(emb.shape[0], num_latents, dtype=values.dtype).index_put_((rows, col_indices), values)
+    stats = list(_stats_float64(dense, emb))
+    # Shift 0 (any shift is valid; the sparse backward reads b = value - shift).
+    shift = torch.zeros(num_latents)
+    zero = (emb.norm(dim=1) == 0)[:, None]
+    stats[0] = (emb * torch.where(zero, 0.0, 1 / emb.norm(dim=1, keepdim=True))).T @ dense
+    stats[2] = shift
+    stats[4] = torch.stack([dense.sum(0), (dense * dense).sum(0), (dense * zero).sum(0), (dense * dense * zero).sum(0)])
+    return tuple(stats)
+
+
+torch.library.register_autograd("monoloss_tests::stats_csr_float64", _autograd.csr_stats_backward,
+                                setup_context=_autograd.csr_setup_context)
+
+
+def test_gradcheck_float64_topk():
+    gen = torch.Generator().manual_seed(59)
+    values, indices = make_topk("negative", 21, 7, 3, gen)
+    values.requires_grad_()
+    emb = make_emb("plain", 21, 4, gen).requires_grad_()
+    crow = torch.arange(22) * 3
+
+    def loss(v, e):
+        stats = torch.ops.monoloss_tests.stats_csr_float64(crow, indices.flatten(), v.flatten(), e, 7)
+        scores = finalize(MonoScoreStats(*stats))
+        return torch.where(scores.isfinite(), scores, 0.0).sum()
+
+    assert torch.autograd.gradcheck(loss, (values, emb), eps=1e-6, atol=1e-6, rtol=1e-4)
