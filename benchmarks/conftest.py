@@ -200,6 +200,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         out_dir = RESULTS_DIR / info["device"]
         out_dir.mkdir(parents=True, exist_ok=True)
         out_path = out_dir / "summary.json"
+        # Groups of earlier runs stay (a run of one benchmark file must not drop the
+        # others' results); the groups measured now replace theirs, with this machine info.
+        if out_path.exists():
+            earlier = json.loads(out_path.read_text()).get("groups", {})
+            summary["groups"] = {**earlier, **summary["groups"]}
         out_path.write_text(json.dumps(summary, indent=2) + "\n")
         write("")
         write(f"summary written to {out_path}")

@@ -50,6 +50,15 @@ MonoScoreStats monoscore_stats_cpu(const at::Tensor& acts, const at::Tensor& emb
 MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                        const at::Tensor& values, const at::Tensor& emb,
                                        int64_t num_latents);
+// The backward of the two ops with respect to acts / the stored values (CPU).
+at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor& emb, const at::Tensor& shift,
+                                        const at::Tensor& act_range, const at::Tensor& grad_cross,
+                                        const at::Tensor& grad_moments, const at::Tensor& grad_range);
+at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                            const at::Tensor& values, const at::Tensor& emb,
+                                            int64_t num_latents, const at::Tensor& shift,
+                                            const at::Tensor& act_range, const at::Tensor& grad_cross,
+                                            const at::Tensor& grad_moments, const at::Tensor& grad_range);
 #ifdef MONOLOSS_WITH_CUDA
 MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& emb);
 MonoScoreStats monoscore_stats_csr_cuda(const at::Tensor& crow_indices, const at::Tensor& col_indices,

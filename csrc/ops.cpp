@@ -102,6 +102,15 @@ TORCH_LIBRARY(monoloss_kernels, m) {
       "monoscore_stats_csr(Tensor crow_indices, Tensor col_indices, Tensor values, Tensor emb, "
       "int num_latents) -> (Tensor cross, Tensor unit_emb_sum, Tensor shift, Tensor act_range, "
       "Tensor moments, Tensor counts)");
+  // Gradients of the statistics with respect to acts (or the stored values),
+  // given the gradients of cross, moments and act_range (see _autograd.py).
+  m.def(
+      "monoscore_stats_backward(Tensor acts, Tensor emb, Tensor shift, Tensor act_range, "
+      "Tensor grad_cross, Tensor grad_moments, Tensor grad_range) -> Tensor");
+  m.def(
+      "monoscore_stats_csr_backward(Tensor crow_indices, Tensor col_indices, Tensor values, "
+      "Tensor emb, int num_latents, Tensor shift, Tensor act_range, Tensor grad_cross, "
+      "Tensor grad_moments, Tensor grad_range) -> Tensor");
 }
 
 }  // namespace monoloss_kernels

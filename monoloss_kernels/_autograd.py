@@ -16,12 +16,15 @@ share its gradient evenly, as torch.amin/amax do; for sparse inputs the
 implicit zeros count among the ties. With emb requiring grad, ∂L/∂Ê = B Gᵀ + ∂L/∂ΣÊ
 goes through the row normalisation.
 
-Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones.
+Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. On the
+CPU, the gradient with respect to acts runs as one fused C++ kernel per input form
+(csrc/cpu/monoscore_stats_backward_cpu.cpp); elsewhere the torch formula below.
 """
 
 import torch
 from torch import Tensor
 
+from . import _extension
 from .stats import row_inv_norm
 
 # Entries per gathered (entries, d) block in the sparse backward.
@@ -38,13 +41,31 @@ def _emb_grad(emb: Tensor, inv_norm: Tensor, unit: Tensor, grad_unit: Tensor) ->
     return ((grad_unit - unit * radial) * inv_norm[:, None]).to(emb.dtype)
 
 
-def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    acts, emb, shift = ctx.saved_tensors
-    inv_norm = row_inv_norm(emb)
-    unit = emb.float() * inv_norm[:, None]  # (N, d)
-    b = acts.float() - shift  # (N, M)
+def _fused_kernel(device: torch.device, op: str) -> bool:
+    """The C++ backward runs where it is built (CPU); elsewhere the torch formula."""
+    return _extension.has_kernel(device.type.upper(), op)
+
+
+def _zeros_if_none(grads, like):
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+
+
+def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
+    acts, emb, shift, act_range, cross, moments = ctx.saved_tensors
+    kernel = use_kernel and _fused_kernel(acts.device, _extension.BACKWARD_OP)
+    if (ctx.needs_input_grad[0] and not kernel) or ctx.needs_input_grad[1]:  # what the torch formulas read
+        inv_norm = row_inv_norm(emb)
+        unit = emb.float() * inv_norm[:, None]  # (N, d)
+        b = acts.float() - shift  # (N, M)
     grad_acts = grad_emb = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and kernel:
+        grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
+            (grad_cross, grad_moments, grad_range), (cross, moments, act_range)
+        )
+        grad_acts = torch.ops.monoloss_kernels.monoscore_stats_backward(
+            acts, emb, shift, act_range, grad_cross_, grad_moments_, grad_range_
+        )
+    elif ctx.needs_input_grad[0]:
         grad = unit @ grad_cross.float() if grad_cross is not None else torch.zeros_like(b)
         if grad_moments is not None:
             g = grad_moments.float()
@@ -66,24 +87,55 @@ def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_r
     return grad_acts, grad_emb
 
 
-def dense_setup_context(ctx, inputs, output):
-    acts, emb = inputs
-    ctx.save_for_backward(acts, emb, output[2])
+# The backward functions registered with the ops. The gradients of shift and counts
+# are ignored (see above). The *_torch variants always use the torch formula: the
+# tests gradcheck them in float64, where the float32 C++ kernel could not be.
+def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
+
+
+def dense_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
+                               _grad_counts):
+    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
 
 
 def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    crow_indices, cols, values, emb, shift = ctx.saved_tensors
+    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
+
+
+def csr_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
+                             _grad_counts):
+    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
+
+
+def dense_setup_context(ctx, inputs, output):
+    acts, emb = inputs
+    cross, _, shift, act_range, moments, _ = output
+    ctx.save_for_backward(acts, emb, shift, act_range, cross, moments)
+
+
+def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
+    crow_indices, cols, values, emb, shift, act_range, cross, moments = ctx.saved_tensors
     num_latents = ctx.num_latents
     num_rows = crow_indices.shape[0] - 1
-    rows = torch.repeat_interleave(
-        torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
-    )
-    inv_norm = row_inv_norm(emb)
-    unit = emb.float() * inv_norm[:, None]
-    b = values.float() - shift[cols]  # (nnz,)
+    kernel = use_kernel and _fused_kernel(values.device, _extension.CSR_BACKWARD_OP)
+    if (ctx.needs_input_grad[2] and not kernel) or ctx.needs_input_grad[3]:  # what the torch formulas read
+        rows = torch.repeat_interleave(
+            torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
+        )
+        inv_norm = row_inv_norm(emb)
+        unit = emb.float() * inv_norm[:, None]
+        b = values.float() - shift[cols]  # (nnz,)
     grad_cross_t = grad_cross.float().T if grad_cross is not None else None  # (M, d)
     grad_values = grad_emb = None
-    if ctx.needs_input_grad[2]:
+    if ctx.needs_input_grad[2] and kernel:
+        grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
+            (grad_cross, grad_moments, grad_range), (cross, moments, act_range)
+        )
+        grad_values = torch.ops.monoloss_kernels.monoscore_stats_csr_backward(
+            crow_indices, cols, values, emb, num_latents, shift, act_range, grad_cross_, grad_moments_, grad_range_
+        )
+    elif ctx.needs_input_grad[2]:
         grad = torch.zeros_like(b)
         if grad_cross_t is not None:
             for e0 in range(0, b.shape[0], ENTRIES_PER_BLOCK):  # Σ_d Ê[row_e, d] G[d, col_e], blockwise
@@ -122,7 +174,8 @@ def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_ran
 def csr_setup_context(ctx, inputs, output):
     crow_indices, col_indices, values, emb, num_latents = inputs
     ctx.num_latents = num_latents
-    ctx.save_for_backward(crow_indices, col_indices, values, emb, output[2])
+    cross, _, shift, act_range, moments, _ = output
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range, cross, moments)
 
 
 DENSE_STATS_OPS = (

@@ -23,11 +23,15 @@ STATS_OP = "monoloss_kernels::monoscore_stats"
 CSR_STATS_OP = "monoloss_kernels::monoscore_stats_csr"
 
 
-def has_kernel(dispatch_key: str) -> bool:
-    """True if the C++ op has an implementation for `dispatch_key` ("CPU" or "CUDA")."""
+BACKWARD_OP = "monoloss_kernels::monoscore_stats_backward"
+CSR_BACKWARD_OP = "monoloss_kernels::monoscore_stats_csr_backward"
+
+
+def has_kernel(dispatch_key: str, op: str = STATS_OP) -> bool:
+    """True if the C++ `op` has an implementation for `dispatch_key` ("CPU" or "CUDA")."""
     if EXTENSION_ERROR is not None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(STATS_OP, dispatch_key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
 
 if EXTENSION_ERROR is None:
@@ -39,3 +43,12 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake(CSR_STATS_OP)
     def _monoscore_stats_csr_fake(crow_indices, col_indices, values, emb, num_latents):
         return tuple(empty_stats_like(emb, emb, num_latents))
+
+    @torch.library.register_fake(BACKWARD_OP)
+    def _monoscore_stats_backward_fake(acts, emb, shift, act_range, grad_cross, grad_moments, grad_range):
+        return torch.empty_like(acts, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(CSR_BACKWARD_OP)
+    def _monoscore_stats_csr_backward_fake(crow_indices, col_indices, values, emb, num_latents, shift, act_range,
+                                           grad_cross, grad_moments, grad_range):
+        return torch.empty_like(values, memory_format=torch.contiguous_format)

@@ -93,3 +93,12 @@ def closed_form_monoscore(acts: Tensor, emb: Tensor) -> Tensor:
     # One nonzero ã gives exactly (Σã)² = Σã² in float64: the pairwise sum is 0.
     defined = denominator > 1e-12 * sum_a * sum_a
     return torch.where(defined, numerator / torch.where(defined, denominator, 1.0), float("nan"))
+
+
+def published_monoloss(acts: Tensor, emb: Tensor) -> Tensor:
+    """MonoLoss as the published code forms it: 1 - mean of `published_monoscore` over
+    the latents whose score is finite, differentiated by torch autograd (the peer of
+    `monoloss` in the benchmarks)."""
+    scores = published_monoscore(acts, emb)
+    finite = scores.isfinite()
+    return 1 - torch.where(finite, scores, 0.0).sum() / finite.sum().clamp(min=1)

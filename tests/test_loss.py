@@ -170,7 +170,7 @@ def _stats_float64(acts: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor,
     return unit.T @ b, unit.sum(0), shift, torch.stack([acts.amin(0), acts.amax(0)]), moments, counts
 
 
-torch.library.register_autograd("monoloss_tests::stats_float64", _autograd.dense_stats_backward,
+torch.library.register_autograd("monoloss_tests::stats_float64", _autograd.dense_stats_backward_torch,
                                 setup_context=_autograd.dense_setup_context)
 
 
@@ -203,7 +203,7 @@ def _stats_csr_float64(crow_indices: torch.Tensor, col_indices: torch.Tensor, va
     return tuple(stats)
 
 
-torch.library.register_autograd("monoloss_tests::stats_csr_float64", _autograd.csr_stats_backward,
+torch.library.register_autograd("monoloss_tests::stats_csr_float64", _autograd.csr_stats_backward_torch,
                                 setup_context=_autograd.csr_setup_context)
 
 

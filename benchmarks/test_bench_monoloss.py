@@ -1,0 +1,111 @@
+"""MonoLoss forward + backward: ours against the published algorithm differentiated by
+torch autograd (the peer), its torch.compile version, and the two bare GEMMs every exact
+method pays for (ÊᵀA forward, Ê·G backward); dense and TopK activations.
+
+    pytest benchmarks/test_bench_monoloss.py --benchmark-only
+
+Each method is also measured for what autograd saves for its backward
+(`saved_for_backward_mib`, summed over saved_tensors_hooks), the memory a training step
+holds between forward and backward.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import monoloss_kernels
+from monoloss_kernels.reference import published_monoloss
+
+from .conftest import COMPILED_PEER, GEMM, PEER, device_name
+from .test_bench_monoscore import DEVICE, OURS_PREFIX
+
+NUM_ROWS, NUM_LATENTS, DIM, K = 4096, 8192, 768, 64
+ROUNDS = 5 if DEVICE.type == "cpu" else 20
+# The loss of float32 inputs: ours and the peer agree to float32 rounding.
+LOSS_ATOL = 1e-5
+
+compiled_peer_loss = torch.compile(published_monoloss, dynamic=False)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    pre_acts = torch.randn(NUM_ROWS, NUM_LATENTS, generator=gen, device=DEVICE)
+    emb = torch.randn(NUM_ROWS, DIM, generator=gen, device=DEVICE)
+    emb += 0.7 * torch.randn(1, DIM, generator=gen, device=DEVICE)
+    top = torch.topk(pre_acts, K, dim=1)
+    return {
+        "dense": torch.relu(pre_acts).requires_grad_(),
+        "values": top.values.contiguous().requires_grad_(),
+        "indices": top.indices,
+        "emb": emb,
+    }
+
+
+def methods():
+    ours = [b for b in monoloss_kernels.available_backends(DEVICE) if not (DEVICE.type == "cpu" and b == "triton")]
+    return [OURS_PREFIX + b for b in ours] + [PEER, COMPILED_PEER, GEMM]
+
+
+def loss_fn(method, form, batch):
+    """A function computing the loss of the batch (its leaf: dense acts or TopK values)."""
+    emb = batch["emb"]
+    if method.startswith(OURS_PREFIX):
+        backend = method.removeprefix(OURS_PREFIX)
+        if form == "dense":
+            return lambda: monoloss_kernels.monoloss(batch["dense"], emb, backend=backend)
+        return lambda: monoloss_kernels.monoloss((batch["values"], batch["indices"]), emb,
+                                                 num_latents=NUM_LATENTS, backend=backend)
+    peer = published_monoloss if method == PEER else compiled_peer_loss
+    if form == "dense":
+        return lambda: peer(batch["dense"], emb)
+    # The peer reads the densified matrix, built differentiably from the TopK values.
+    return lambda: peer(torch.zeros(NUM_ROWS, NUM_LATENTS, device=DEVICE).scatter(
+        1, batch["indices"], batch["values"]), emb)
+
+
+def saved_for_backward_mib(loss) -> float:
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss()
+    return total / 2**20
+
+
+@pytest.mark.parametrize("form", ["dense", "topk"])
+@pytest.mark.parametrize("method", methods())
+def test_monoloss_speed(batch, form, method, measure):
+    leaf = batch["dense"] if form == "dense" else batch["values"]
+    group = (f"monoloss-{form}-B{NUM_ROWS}-M{NUM_LATENTS}" + (f"-k{K}" if form == "topk" else "")
+             + f"-d{DIM}-float32-fwd+bwd")
+    extra_info = {"shape": {"N": NUM_ROWS, "M": NUM_LATENTS, "d": DIM, **({"k": K} if form == "topk" else {})},
+                  "dtype": "float32", "device": device_name(DEVICE)}
+    if method == GEMM:
+        dense = batch["dense"].detach()
+        unit_emb = F.normalize(batch["emb"], dim=1)
+        grad_cross = torch.randn(DIM, NUM_LATENTS, device=DEVICE)
+
+        def step():  # ÊᵀA (forward) and Ê·G (backward)
+            unit_emb.T @ dense
+            unit_emb @ grad_cross
+    else:
+        loss = loss_fn(method, form, batch)
+
+        def step():
+            leaf.grad = None
+            loss().backward()
+
+        reference = published_monoloss(batch["dense"].detach().double(), batch["emb"].double()) if form == "dense" \
+            else None
+        value = loss().item()
+        if reference is not None:
+            extra_info["max_abs_error"] = abs(value - reference.item())
+            assert extra_info["max_abs_error"] <= LOSS_ATOL or method in (PEER, COMPILED_PEER)
+        extra_info["saved_for_backward_mib"] = saved_for_backward_mib(loss)
+    measure(step, device=DEVICE, group=group, method=method, rounds=ROUNDS,
+            gemm_flops=4 * NUM_ROWS * NUM_LATENTS * DIM, extra_info=extra_info)
