@@ -5,13 +5,14 @@ from torch import Tensor, nn
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
-from .stats import CsrActs, finalize
+from .stats import CsrActs, MonoScoreStats, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
 
 
 def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | None = None,
-             backend: str = "auto", differentiable_emb: bool = False) -> Tensor:
+             backend: str = "auto", differentiable_emb: bool = False, group=None,
+             distributed: bool = False) -> Tensor:
     r"""MonoLoss of a batch: 1 - (mean MonoScore over the latents whose score is defined),
     with each latent's min and max taken over the batch.
 
@@ -25,6 +26,12 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         reduction: "mean" (the loss, a scalar float32) or "none" (the (M,) MonoScores
             themselves, NaN where undefined, with gradient where defined).
         differentiable_emb: also differentiate with respect to emb.
+        distributed: each rank of torch.distributed `group` (None: the default group)
+            passes its own part of the global batch; the statistics are all-reduced, so
+            every rank gets the loss of the global batch (min and max over all ranks)
+            and the gradient of that loss for its own samples -- equal to one process
+            computing the loss of the concatenated batch. Collective: every rank must
+            call it, with the same num_latents and d.
 
     Returns:
         "mean": a scalar. A batch in which no latent is defined (N < 2, or every latent
@@ -37,15 +44,20 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         emb = emb.detach()
     sparse = isinstance(acts, CsrActs)
     num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
-    if num_rows < 2:
-        scores = torch.full((num_latents,), float("nan"), device=emb.device)
-        # Keep the graph connected, so backward() runs and gives zero gradients.
-        values = acts.values if sparse else acts
-        scores = scores + 0 * values.sum()
-    else:
+    values = acts.values if sparse else acts
+    if distributed:
+        stats = _local_stats(acts, emb, backend, sparse, num_rows)
+        stats, num_rows = _all_reduce_stats(stats, acts, num_rows, group)
+        scores = finalize(stats) if num_rows >= 2 else None
+    elif num_rows >= 2:
         stats = stats_function(backend, emb.device, sparse)(acts, emb)
         check_stats_finite(stats, emb)
         scores = finalize(stats)
+    else:
+        scores = None
+    if scores is None:  # N < 2: no pair, every score undefined
+        # Keep the graph connected, so backward() runs and gives zero gradients.
+        scores = torch.full((num_latents,), float("nan"), device=emb.device) + 0 * values.sum()
     if reduction == "none":
         return scores
     defined = scores.isfinite()
@@ -72,3 +84,80 @@ class MonoLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, num_latents={self.num_latents}, backend={self.backend!r}"
+
+
+def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -> MonoScoreStats:
+    """This rank's statistics; an empty part gives zero sums and an empty range."""
+    if num_rows > 0:
+        stats = stats_function(backend, emb.device, sparse)(acts, emb)
+        check_stats_finite(stats, emb)
+        return stats
+    num_latents = acts.num_latents if sparse else acts.shape[1]
+    values = acts.values if sparse else acts
+    zero = 0 * values.sum()  # connects the (empty) input to the graph
+    f64 = dict(device=emb.device, dtype=torch.float64)
+    return MonoScoreStats(
+        cross=torch.zeros(emb.shape[1], num_latents, device=emb.device) + zero,
+        unit_emb_sum=torch.zeros(emb.shape[1], **f64),
+        shift=torch.zeros(num_latents, device=emb.device),
+        act_range=torch.stack([torch.full((num_latents,), float("inf"), device=emb.device),
+                               torch.full((num_latents,), float("-inf"), device=emb.device)]) + zero,
+        moments=torch.zeros(4, num_latents, **f64) + zero,
+        counts=torch.zeros(2, **f64),
+    )
+
+
+def _all_reduce_stats(stats: MonoScoreStats, acts, num_rows: int, group):
+    """The statistics of the global batch on every rank, differentiable for this rank's part.
+
+    Sums: every rank moves its sums onto the global minimum (a common shift), then a SUM
+    whose backward is the identity: each rank's loss is the global loss, and the
+    gradient of the global sum with respect to this rank's part is 1. Min and max: the
+    gradient reaches this rank's elements tied with the global extreme, each getting
+    the share torch.amin/amax would give it over the concatenated batch (local ties /
+    global ties; the registered backward splits the share among the local ties).
+    """
+    import torch.distributed as dist
+
+    local_min, local_max = stats.act_range[0], stats.act_range[1]
+    global_min, global_max = local_min.detach().clone(), local_max.detach().clone()
+    dist.all_reduce(global_min, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    extremes = []
+    for local, global_, in ((local_min, global_min), (local_max, global_max)):
+        ties = _ties(acts, local.detach(), num_rows) * (local.detach() == global_)
+        all_ties = ties.clone()
+        dist.all_reduce(all_ties, op=dist.ReduceOp.SUM, group=group)
+        weight = torch.where(ties > 0, ties / all_ties.clamp(min=1), 0.0)
+        local_part = torch.where(ties > 0, local, 0.0)  # no gradient path from a rank without the extreme
+        extremes.append(global_ + weight * (local_part - local_part.detach()))
+    common_shift = torch.where(global_min.isfinite(), global_min.double(), 0.0)
+    moved = reshift(stats, common_shift)
+    sums = [moved.cross, moved.unit_emb_sum, moved.moments, moved.counts]
+    flat = torch.cat([t.flatten() for t in sums])
+    total = flat.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    flat = flat + (total - flat.detach())  # forward: the global sum; backward: identity
+    cross, unit_emb_sum, moments, counts = flat.split([t.numel() for t in sums])
+    num_latents = stats.shift.shape[0]
+    global_stats = MonoScoreStats(
+        cross=cross.view(-1, num_latents),
+        unit_emb_sum=unit_emb_sum,
+        shift=common_shift,
+        act_range=torch.stack(extremes),
+        moments=moments.view(4, num_latents),
+        counts=counts,
+    )
+    return global_stats, int(counts[0].detach())
+
+
+def _ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
+    """Per latent, how many of this rank's activations equal `extreme` (float32, as
+    act_range): dense entries, or stored values plus the implicit zeros."""
+    if not isinstance(acts, CsrActs):
+        return (acts.detach().float() == extreme).sum(0).float()
+    cols = acts.col_indices
+    stored_ties = (acts.values.detach().float() == extreme[cols]).float()
+    ties = torch.zeros_like(extreme).index_add_(0, cols, stored_ties)
+    stored = torch.zeros_like(extreme).index_add_(0, cols, torch.ones_like(stored_ties))
+    return ties + torch.where(extreme == 0, num_rows - stored, 0.0)

@@ -220,3 +220,62 @@ def test_gradcheck_float64_topk():
         return torch.where(scores.isfinite(), scores, 0.0).sum()
 
     assert torch.autograd.gradcheck(loss, (values, emb), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_batch():
+    gen = torch.Generator().manual_seed(61)
+    acts = make_acts("mixed_offset", 90, 13, gen).float()
+    acts[:, 4] = torch.relu(acts[:, 4] - 0.5)  # many ties at the minimum 0, spread over ranks
+    values, indices = make_topk("negative", 90, 13, 4, gen)
+    emb = make_emb("zero_dup", 90, 7, gen).float()
+    return acts, values.float(), indices, emb
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        acts, values, indices, emb = _ddp_batch()
+        rows = slice(*[(0, 30), (30, 90)][rank])  # uneven parts
+        part = acts[rows].clone().requires_grad_()
+        loss = mk.monoloss(part, emb[rows], distributed=True)
+        loss.backward()
+        part_values = values[rows].clone().requires_grad_()
+        topk_loss = mk.monoloss((part_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
+        topk_loss.backward()
+        torch.save({"loss": loss.detach(), "grad": part.grad, "topk_loss": topk_loss.detach(),
+                    "topk_grad": part_values.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_equals_concatenated_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    acts, values, indices, emb = _ddp_batch()
+    full = acts.clone().requires_grad_()
+    loss = mk.monoloss(full, emb)
+    loss.backward()
+    full_values = values.clone().requires_grad_()
+    topk_loss = mk.monoloss((full_values, indices), emb, num_latents=13)
+    topk_loss.backward()
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert abs(result["loss"].item() - loss.item()) <= LOSS_ATOL
+        assert abs(result["topk_loss"].item() - topk_loss.item()) <= LOSS_ATOL
+    check_grad(torch.cat([r["grad"] for r in results]), full.grad.double())
+    check_grad(torch.cat([r["topk_grad"] for r in results]), full_values.grad.double())
