@@ -11,14 +11,25 @@ in fused C++/CUDA and Triton kernels.
     scores = acc.compute()
 """
 
-from . import _autograd, reference
+from . import _autograd, reference, sae
 from ._dispatch import BACKENDS, available_backends
 from .accumulator import MonoScoreAccumulator
 from .loss import MonoLoss, monoloss
 from .monoscore import monoscore
 from .stats import MonoScoreStats, finalize
 
-__all__ = ["BACKENDS", "MonoLoss", "MonoScoreAccumulator", "MonoScoreStats", "monoloss", "available_backends", "finalize", "monoscore", "reference"]
+__all__ = [
+    "BACKENDS",
+    "MonoLoss",
+    "MonoScoreAccumulator",
+    "MonoScoreStats",
+    "available_backends",
+    "finalize",
+    "monoloss",
+    "monoscore",
+    "reference",
+    "sae",
+]
 __version__ = "0.1.0"
 
 _autograd.register()

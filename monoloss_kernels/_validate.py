@@ -104,7 +104,9 @@ def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor
     NaN/Inf values are refused after the kernels (`check_stats_finite`); a latent
     stored twice in a row, where the kernels order the entries by latent.
     """
-    if isinstance(acts, tuple):
+    if isinstance(acts, CsrActs):  # already canonical (built by the SAE modules, say)
+        _check_num_latents(num_latents, acts.num_latents)
+    elif isinstance(acts, tuple):
         acts = _topk_to_csr(acts, num_latents)
     elif isinstance(acts, Tensor) and acts.layout in (torch.sparse_coo, torch.sparse_csr):
         acts = _sparse_to_csr(acts, num_latents)

@@ -1,0 +1,133 @@
+"""Sparse autoencoders with MonoLoss built in: TopK, BatchTopK, JumpReLU and ReLU+L1.
+
+    sae = TopKSAE(d_in=768, num_latents=8192, k=64, mono_coef=3e-4)
+    out = sae(x)                 # x: (B, d_in) embeddings, e.g. CLIP features
+    out.loss.backward()          # reconstruction + sparsity + mono_coef · MonoLoss
+
+As in the MonoLoss paper, the MonoLoss term scores the latents against the SAE's own
+input embeddings (pass `emb=` to score them against another similarity space). TopK and
+BatchTopK hand their latents to `monoloss` in sparse form, so the term costs O(B·k·d).
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .loss import monoloss
+from .stats import CsrActs
+
+
+class SAEOutput(NamedTuple):
+    reconstruction: Tensor  # (B, d_in)
+    acts: Tensor  # (B, M) dense latent activations
+    loss: Tensor  # recon_loss + sparsity_loss + mono_coef · mono_loss
+    recon_loss: Tensor  # mean squared error, summed over d_in
+    sparsity_loss: Tensor  # the variant's sparsity penalty (0 for TopK and BatchTopK)
+    mono_loss: Tensor  # MonoLoss of the latents (unweighted; 0 when mono_coef == 0)
+
+
+class SparseAutoencoder(nn.Module):
+    """x -> acts = activation(W_enc (x - b_dec) + b_enc) -> W_dec acts + b_dec.
+
+    Subclasses define `activate(pre_acts) -> (dense acts, acts for monoloss, sparsity loss)`.
+    """
+
+    def __init__(self, d_in: int, num_latents: int, *, mono_coef: float = 0.0, backend: str = "auto"):
+        super().__init__()
+        self.d_in, self.num_latents = d_in, num_latents
+        self.mono_coef, self.backend = mono_coef, backend
+        self.W_enc = nn.Parameter(torch.empty(d_in, num_latents))
+        nn.init.kaiming_uniform_(self.W_enc, a=5**0.5)
+        self.W_dec = nn.Parameter(self.W_enc.detach().T.clone())  # tied at initialisation
+        self.b_enc = nn.Parameter(torch.zeros(num_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre_acts: Tensor):
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> SAEOutput:
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"x must be (B, d_in={self.d_in}), got shape {tuple(x.shape)}")
+        acts, mono_acts, sparsity_loss = self.activate(self.encode_pre(x))
+        reconstruction = acts @ self.W_dec + self.b_dec
+        recon_loss = (reconstruction - x).pow(2).sum(1).mean()
+        mono_loss = torch.zeros((), device=x.device)
+        if self.mono_coef:
+            mono_loss = monoloss(mono_acts, x if emb is None else emb, num_latents=self.num_latents,
+                                 backend=self.backend)
+        loss = recon_loss + sparsity_loss + self.mono_coef * mono_loss
+        return SAEOutput(reconstruction, acts, loss, recon_loss, sparsity_loss, mono_loss)
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, num_latents={self.num_latents}, mono_coef={self.mono_coef}"
+
+
+class TopKSAE(SparseAutoencoder):
+    """Keeps the k largest pre-activations of each sample (after ReLU)."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, **kwargs):
+        super().__init__(d_in, num_latents, **kwargs)
+        self.k = k
+
+    def activate(self, pre_acts):
+        top = torch.topk(pre_acts, self.k, dim=1)
+        values = torch.relu(top.values)
+        acts = torch.zeros_like(pre_acts).scatter(1, top.indices, values)
+        return acts, (values, top.indices), torch.zeros((), device=pre_acts.device)
+
+
+class BatchTopKSAE(SparseAutoencoder):
+    """Keeps the k·B largest pre-activations of the whole batch (after ReLU): k per
+    sample on average, more for samples that need them."""
+
+    def __init__(self, d_in: int, num_latents: int, k: int, **kwargs):
+        super().__init__(d_in, num_latents, **kwargs)
+        self.k = k
+
+    def activate(self, pre_acts):
+        batch, num_latents = pre_acts.shape
+        top = torch.topk(torch.relu(pre_acts).flatten(), self.k * batch)
+        flat_index = top.indices.sort().values  # row-major: rows ascending, as CSR wants
+        values = torch.relu(pre_acts.flatten()[flat_index])
+        rows, cols = flat_index // num_latents, flat_index % num_latents
+        acts = torch.zeros_like(pre_acts).index_put((rows, cols), values)
+        crow = torch.searchsorted(rows, torch.arange(batch + 1, device=pre_acts.device))
+        return acts, CsrActs(crow, cols, values, num_latents), torch.zeros((), device=pre_acts.device)
+
+
+class JumpReLUSAE(SparseAutoencoder):
+    """acts = pre · [pre > θ] with a learned per-latent threshold θ and an L0 penalty.
+
+    θ and the L0 count get gradients through a sigmoid surrogate of the step of width
+    `bandwidth` (straight-through: the forward uses the exact step)."""
+
+    def __init__(self, d_in: int, num_latents: int, *, l0_coef: float = 1e-3, bandwidth: float = 1e-3,
+                 initial_threshold: float = 1e-3, **kwargs):
+        super().__init__(d_in, num_latents, **kwargs)
+        self.l0_coef, self.bandwidth = l0_coef, bandwidth
+        self.log_threshold = nn.Parameter(torch.full((num_latents,), float(torch.tensor(initial_threshold).log())))
+
+    def activate(self, pre_acts):
+        threshold = self.log_threshold.exp()
+        step = (pre_acts > threshold).to(pre_acts.dtype)
+        surrogate = torch.sigmoid((pre_acts - threshold) / self.bandwidth)
+        gate = step + (surrogate - surrogate.detach())
+        acts = pre_acts * gate
+        return acts, acts, self.l0_coef * gate.sum(1).mean()
+
+
+class ReLUSAE(SparseAutoencoder):
+    """acts = ReLU(pre) with an L1 penalty weighted by the decoder row norms."""
+
+    def __init__(self, d_in: int, num_latents: int, *, l1_coef: float = 5.0, **kwargs):
+        super().__init__(d_in, num_latents, **kwargs)
+        self.l1_coef = l1_coef
+
+    def activate(self, pre_acts):
+        acts = torch.relu(pre_acts)
+        penalty = (acts * self.W_dec.norm(dim=1)).sum(1).mean()
+        return acts, acts, self.l1_coef * penalty

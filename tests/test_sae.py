@@ -1,0 +1,67 @@
+"""The SAE modules: each variant trains with MonoLoss added, and the MonoLoss term is
+the one `monoloss` computes on its latents (sparse form for TopK and BatchTopK)."""
+
+import pytest
+import torch
+
+import monoloss_kernels as mk
+from monoloss_kernels.sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE
+
+D_IN, M, K, B = 24, 64, 4, 96
+
+VARIANTS = {
+    "topk": lambda **kw: TopKSAE(D_IN, M, K, **kw),
+    "batchtopk": lambda **kw: BatchTopKSAE(D_IN, M, K, **kw),
+    "jumprelu": lambda **kw: JumpReLUSAE(D_IN, M, initial_threshold=0.05, bandwidth=0.05, **kw),
+    "relu": lambda **kw: ReLUSAE(D_IN, M, l1_coef=1e-3, **kw),
+}
+
+
+def batch(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(6, D_IN, generator=gen) * 3
+    labels = torch.randint(0, 6, (B,), generator=gen)
+    return centers[labels] + torch.randn(B, D_IN, generator=gen)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mono_term_is_monoloss_of_the_latents(variant):
+    torch.manual_seed(0)
+    sae = VARIANTS[variant](mono_coef=0.1)
+    x = batch()
+    out = sae(x)
+    assert out.acts.shape == (B, M) and out.reconstruction.shape == (B, D_IN)
+    expected = mk.monoloss(out.acts.detach(), x)
+    torch.testing.assert_close(out.mono_loss.detach(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss, out.recon_loss + out.sparsity_loss + 0.1 * out.mono_loss)
+    if variant in ("topk", "batchtopk"):
+        assert (out.acts > 0).sum().item() <= K * B
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_steps_reduce_the_loss(variant):
+    torch.manual_seed(1)
+    sae = VARIANTS[variant](mono_coef=0.05)
+    x = batch(1)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        out = sae(x)
+        optimizer.zero_grad()
+        out.loss.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in sae.parameters())
+        optimizer.step()
+        first = out.loss.item() if first is None else first
+    assert out.loss.item() < first
+    assert sae.W_enc.grad.abs().sum() > 0
+
+
+def test_mono_coef_zero_skips_the_term():
+    sae = TopKSAE(D_IN, M, K)
+    out = sae(batch())
+    assert out.mono_loss.item() == 0.0
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"x must be \(B, d_in=24\), got shape \(5, 7\)"):
+        TopKSAE(D_IN, M, K)(torch.rand(5, 7))
