@@ -109,3 +109,32 @@ def test_monoloss_speed(batch, form, method, measure):
         extra_info["saved_for_backward_mib"] = saved_for_backward_mib(loss)
     measure(step, device=DEVICE, group=group, method=method, rounds=ROUNDS,
             gemm_flops=4 * NUM_ROWS * NUM_LATENTS * DIM, extra_info=extra_info)
+
+
+SAE_K = 64
+SAE_MONO_COEF = 3e-4
+
+
+@pytest.mark.parametrize("mono_coef", [0.0, SAE_MONO_COEF], ids=["without-monoloss", "with-monoloss"])
+def test_batchtopk_sae_step(batch, mono_coef, measure):
+    """One BatchTopK SAE training step (B=4096, d=768, M=8192, k=64): forward, backward
+    and an Adam update, with and without the MonoLoss term (the paper's coefficient).
+    The overhead is the ratio of the two medians (reported in the table as / GEMM is
+    not meaningful here; compare the two rows)."""
+    from monoloss_kernels.sae import BatchTopKSAE
+
+    torch.manual_seed(0)
+    sae = BatchTopKSAE(DIM, NUM_LATENTS, SAE_K, mono_coef=mono_coef).to(DEVICE)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = batch["emb"]
+
+    def step():
+        out = sae(x)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    method = "sae-step-with-monoloss" if mono_coef else "sae-step"
+    measure(step, device=DEVICE, group=f"batchtopk-sae-step-B{NUM_ROWS}-M{NUM_LATENTS}-k{SAE_K}-d{DIM}",
+            method=method, rounds=ROUNDS, gemm_flops=6 * NUM_ROWS * NUM_LATENTS * DIM,
+            extra_info={"mono_coef": mono_coef, "device": device_name(DEVICE)})
