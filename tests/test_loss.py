@@ -279,3 +279,44 @@ def test_distributed_equals_concatenated_batch(tmp_path):
         assert abs(result["topk_loss"].item() - topk_loss.item()) <= LOSS_ATOL
     check_grad(torch.cat([r["grad"] for r in results]), full.grad.double())
     check_grad(torch.cat([r["topk_grad"] for r in results]), full_values.grad.double())
+
+
+def test_autocast_bfloat16():
+    """Under autocast the SAE's latents come out bfloat16; the loss and gradient follow
+    (the kernels upcast on load), within bfloat16's precision of the float32 result."""
+    gen = torch.Generator().manual_seed(67)
+    x = make_emb("plain", 64, 16, gen).float()
+    weight = (torch.randn(16, 40, generator=gen) * 0.3).requires_grad_()
+
+    def loss():
+        return mk.monoloss(torch.relu(x @ weight), x)
+
+    expected = loss()
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acts = torch.relu(x @ weight)
+        assert acts.dtype == torch.bfloat16
+        got = mk.monoloss(acts, x)
+    (grad,) = torch.autograd.grad(got, weight)
+    assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+    assert abs(got.item() - expected.item()) < 2e-2
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=5e-2 * expected_grad.abs().max().item())
+
+
+def test_torch_compile_of_a_training_step():
+    """monoloss inside a compiled step (graph breaks at its validation, which reads
+    values on the host) gives the eager loss and gradients."""
+    gen = torch.Generator().manual_seed(71)
+    x = make_emb("plain", 50, 12, gen).float()
+    weight = (torch.randn(12, 30, generator=gen) * 0.3).requires_grad_()
+
+    def step(w):
+        top = torch.topk(x @ w, 5, dim=1)
+        return mk.monoloss((torch.relu(top.values), top.indices), x, num_latents=30)
+
+    eager = step(weight)
+    (eager_grad,) = torch.autograd.grad(eager, weight)
+    compiled = torch.compile(step, backend="aot_eager")(weight)
+    (compiled_grad,) = torch.autograd.grad(compiled, weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
