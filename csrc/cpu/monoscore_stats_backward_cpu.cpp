@@ -6,9 +6,11 @@
 //          N=4096, M=8192, d=768), then one elementwise pass adds the moment
 //          terms and the min/max tie shares. The tie counts come from a first
 //          pass over acts.
-//   CSR:   per row, each stored entry gets ê[row] · G[:, latent] (the row's
-//          embedding stays in L1 while its k entries read their latent's
-//          column of G) plus the same per-entry terms: O(nnz·d).
+//   CSR:   each stored entry gets ê[row] · G[:, latent] plus the same
+//          per-entry terms: O(nnz·d). The dot products are summed over tiles
+//          of 16 dims: Ê and Gᵀ regrouped as (tiles, N, 16) and (tiles, M, 16),
+//          one tile of each stays in L2 while every entry reads it (reading
+//          whole rows of Gᵀ from memory per entry was 3x slower).
 //
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
@@ -28,6 +30,10 @@ namespace {
 
 constexpr int64_t kLatentGrain = 256;
 constexpr int64_t kRowGrain = 64;
+// Dims per tile of the sparse backward: one cache line, one AVX-512 register.
+constexpr int64_t kTileWidth = 16;
+typedef float TileVec __attribute__((vector_size(kTileWidth * sizeof(float))));
+typedef float HalfVec __attribute__((vector_size(kTileWidth / 2 * sizeof(float))));
 
 // Per-latent coefficients of the elementwise terms, float32.
 struct LatentTerms {
@@ -108,13 +114,40 @@ void add_terms_row(float* __restrict__ out, const float* __restrict__ a, const f
   }
 }
 
+inline TileVec load_tile_row(const float* p) {
+  TileVec v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Rows [n0, n1): dots[e] += ê_tile[row_e] · g_tile[col_e] for their entries.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-float dot(const float* __restrict__ x, const float* __restrict__ y, int64_t d) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < d; ++i) s += x[i] * y[i];
-  return s;
+void add_tile_dots(const int64_t* __restrict__ crow, const int64_t* __restrict__ cols,
+                   const float* __restrict__ unit_tile, const float* __restrict__ g_tile, int64_t n0,
+                   int64_t n1, float* __restrict__ dots) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const TileVec u = load_tile_row(unit_tile + n * kTileWidth);
+    for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
+      const TileVec p = u * load_tile_row(g_tile + cols[e] * kTileWidth);
+      const HalfVec h = __builtin_shufflevector(p, p, 0, 1, 2, 3, 4, 5, 6, 7) +
+                        __builtin_shufflevector(p, p, 8, 9, 10, 11, 12, 13, 14, 15);
+      float sum = 0.0f;
+      for (int i = 0; i < kTileWidth / 2; ++i) sum += h[i];
+      dots[e] += sum;
+    }
+  }
+}
+
+// (tiles, rows, kTileWidth) from a (rows, d) matrix, zero-padded past d.
+at::Tensor to_tiles(const at::Tensor& x) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
+  return at::constant_pad_nd(x, {0, num_tiles * kTileWidth - d})
+      .view({rows, num_tiles, kTileWidth})
+      .permute({1, 0, 2})
+      .contiguous();
 }
 
 }  // namespace
@@ -166,13 +199,15 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
                                             const at::Tensor& act_range, const at::Tensor& grad_cross,
                                             const at::Tensor& grad_moments, const at::Tensor& grad_range) {
   check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
-  const int64_t N = emb.size(0), d = emb.size(1), M = num_latents, nnz = values.size(0);
+  const int64_t N = emb.size(0), M = num_latents, nnz = values.size(0);
   const at::Tensor inv_norm = row_inv_norm(emb);
   const at::Tensor emb32 = emb.to(at::kFloat).contiguous();
   const at::Tensor crow_t = crow_indices.contiguous(), cols_t = col_indices.contiguous();
   const at::Tensor values32 = values.to(at::kFloat).contiguous();
   const at::Tensor shift32 = shift.to(at::kFloat).contiguous();
-  const at::Tensor g_cross_t = grad_cross.to(at::kFloat).t().contiguous();  // (M, d): a latent's column
+  const at::Tensor unit_tiles = to_tiles(emb32 * inv_norm.unsqueeze(1));  // (tiles, N, 16)
+  const at::Tensor g_tiles = to_tiles(grad_cross.to(at::kFloat).t());        // (tiles, M, 16)
+  const int64_t num_tiles = unit_tiles.size(0);
   const int64_t* crow = crow_t.const_data_ptr<int64_t>();
   const int64_t* cols = cols_t.const_data_ptr<int64_t>();
   const float* v = values32.const_data_ptr<float>();
@@ -198,18 +233,19 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   }
   const LatentTerms terms = latent_terms(act_range, grad_moments, grad_range, min_ties, max_ties);
 
-  at::Tensor grad = at::empty({nnz}, values.options().dtype(at::kFloat));
+  at::Tensor grad = at::zeros({nnz}, values.options().dtype(at::kFloat));
   float* out = grad.data_ptr<float>();
-  const float* e_ptr = emb32.const_data_ptr<float>();
-  const float* g_ptr = g_cross_t.const_data_ptr<float>();
+  const float* u_ptr = unit_tiles.const_data_ptr<float>();
+  const float* g_ptr = g_tiles.const_data_ptr<float>();
   const float* s = shift32.const_data_ptr<float>();
   at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      add_tile_dots(crow, cols, u_ptr + t * N * kTileWidth, g_ptr + t * M * kTileWidth, n0, n1, out);
+    }
     for (int64_t n = n0; n < n1; ++n) {
       const bool zero_row = inv[n] == 0.0f;
       for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-        const int64_t k = cols[e];
-        const float cross_term = d > 0 ? inv[n] * dot(e_ptr + n * d, g_ptr + k * d, d) : 0.0f;
-        out[e] = cross_term + entry_terms(terms, k, v[e], v[e] - s[k], zero_row);
+        out[e] += entry_terms(terms, cols[e], v[e], v[e] - s[cols[e]], zero_row);
       }
     }
   });
