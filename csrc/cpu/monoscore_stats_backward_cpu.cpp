@@ -25,6 +25,10 @@
 #include <algorithm>
 #include <vector>
 
+// 64-byte vectors passed by value have another ABI in the baseline build than in
+// the AVX-512 clones (-Wpsabi). Harmless: they never cross this file's boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace monoloss_kernels {
 namespace {
 
