@@ -2,15 +2,15 @@
 // monoloss_kernels/_autograd.py), fused so that acts is read once:
 //
 //   dense: grad = Ê · G in one BLAS call (per row chunk it would re-read the
-//          (d, M) matrix G from memory for every chunk: 1.6x slower at
-//          N=4096, M=8192, d=768), then one elementwise pass adds the moment
+//          (d, M) matrix G from memory for every chunk: the product took 1.5x
+//          longer at N=4096, M=8192, d=768), then one elementwise pass adds the moment
 //          terms and the min/max tie shares. The tie counts come from a first
 //          pass over acts.
 //   CSR:   each stored entry gets ê[row] · G[:, latent] plus the same
 //          per-entry terms: O(nnz·d). The dot products are summed over tiles
 //          of 16 dims: Ê and Gᵀ regrouped as (tiles, N, 16) and (tiles, M, 16),
 //          one tile of each stays in L2 while every entry reads it (reading
-//          whole rows of Gᵀ from memory per entry was 3x slower).
+//          whole rows of Gᵀ from memory per entry was about 2x slower).
 //
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.

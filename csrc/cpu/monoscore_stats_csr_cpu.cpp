@@ -11,8 +11,9 @@
 //     embeddings are regrouped into tiles of kTileWidth dims (one cache line
 //     per row, 1 MiB per tile: stays in L2), threads take whole tiles, and
 //     every latent sums Σ_e b_e·tile[row_e] over its entries in the block.
-//     Gathering whole embedding rows instead reads them from DRAM once per
-//     entry (3x slower). The tiles take O(kBlockRows·d) memory whatever N is.
+//     Gathering whole embedding rows instead reads them from memory once per
+//     entry (about 2x slower at N=32768, M=16384, k=32, d=512 on the 2-core
+//     dev Xeon). The tiles take O(kBlockRows·d) memory whatever N is.
 // cross is written latent-major ((M, d), returned transposed): each latent's
 // tile row is one cache line, where a (d, M) layout would take 16.
 #include "../monoscore.h"
@@ -38,9 +39,9 @@ namespace {
 
 // Embedding dims per tile: one cache line, one AVX-512 register of floats.
 constexpr int64_t kTileWidth = 16;
-// Rows per block: a block of one tile is 1 MiB, half of a core's L2 on the
-// Xeon this was tuned on (N=32768, M=16384, k=32, d=512: the cross pass took
-// 82 ms with whole 2 MiB tiles, see the note in the README).
+// Rows per block: a block of one tile is 1 MiB, half of a core's 2 MiB L2 on
+// the Xeon this was tuned on, leaving room for the stream of entries that
+// reads it (a whole 2 MiB tile did not stay in L2 next to that stream).
 constexpr int64_t kBlockRows = 16384;
 // Entries summed in float32 before joining the float64 total: keeps the
 // float32 rounding of a partial sum near 2^-24·sqrt(64).
