@@ -69,7 +69,7 @@ class MonoLoss(nn.Module):
     """`monoloss` as a module: `MonoLoss(num_latents=M)(acts, emb)`; see `monoloss` for the arguments."""
 
     def __init__(self, *, reduction: str = "mean", num_latents: int | None = None, backend: str = "auto",
-                 differentiable_emb: bool = False):
+                 differentiable_emb: bool = False, distributed: bool = False, group=None):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -77,13 +77,16 @@ class MonoLoss(nn.Module):
         self.num_latents = num_latents
         self.backend = backend
         self.differentiable_emb = differentiable_emb
+        self.distributed = distributed
+        self.group = group
 
     def forward(self, acts, emb: Tensor) -> Tensor:
         return monoloss(acts, emb, reduction=self.reduction, num_latents=self.num_latents, backend=self.backend,
-                        differentiable_emb=self.differentiable_emb)
+                        differentiable_emb=self.differentiable_emb, distributed=self.distributed, group=self.group)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, num_latents={self.num_latents}, backend={self.backend!r}"
+        return (f"reduction={self.reduction!r}, num_latents={self.num_latents}, backend={self.backend!r}, "
+                f"distributed={self.distributed}")
 
 
 def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -> MonoScoreStats:
