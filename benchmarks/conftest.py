@@ -141,6 +141,7 @@ def group_summary(methods: dict) -> dict:
             "max_abs_error": record.get("max_abs_error"),
             "peak_memory_mib": record.get("peak_memory_mib"),
             "peak_workspace_mib": record.get("peak_workspace_mib"),
+            "saved_for_backward_mib": record.get("saved_for_backward_mib"),
             "rounds": record["rounds"],
         }
     return summary

@@ -65,11 +65,16 @@ def loss_fn(method, form, batch):
 
 
 def saved_for_backward_mib(loss) -> float:
-    total = 0
+    """MiB of the tensors autograd saves for the backward (each storage counted once;
+    the inputs themselves included, as a training step keeps them anyway)."""
+    seen, total = set(), 0
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
