@@ -9,6 +9,7 @@ input embeddings (pass `emb=` to score them against another similarity space). T
 BatchTopK hand their latents to `monoloss` in sparse form, so the term costs O(B·k·d).
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -109,7 +110,7 @@ class JumpReLUSAE(SparseAutoencoder):
                  initial_threshold: float = 1e-3, **kwargs):
         super().__init__(d_in, num_latents, **kwargs)
         self.l0_coef, self.bandwidth = l0_coef, bandwidth
-        self.log_threshold = nn.Parameter(torch.full((num_latents,), float(torch.tensor(initial_threshold).log())))
+        self.log_threshold = nn.Parameter(torch.full((num_latents,), math.log(initial_threshold)))
 
     def activate(self, pre_acts):
         threshold = self.log_threshold.exp()
