@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
-from .stats import CsrActs, MonoScoreStats, _reshift_moments, finalize, reshift
+from .stats import CsrActs, MonoScoreStats, _reshift_moments, empty_batch_stats, finalize, reshift
 
 STATE_VERSION = 1
 
@@ -49,19 +49,8 @@ class MonoScoreAccumulator:
 
     def reset(self) -> None:
         """Forgets every batch seen."""
-        f64 = dict(device=self.device, dtype=torch.float64)
         self.num_rows = 0  # host copy of counts[0]: no device sync to know whether anything was seen
-        self._sums = MonoScoreStats(
-            cross=torch.zeros(self.dim, self.num_latents, **f64),
-            unit_emb_sum=torch.zeros(self.dim, **f64),
-            shift=torch.zeros(self.num_latents, **f64),
-            act_range=torch.stack([
-                torch.full((self.num_latents,), float("inf"), device=self.device),
-                torch.full((self.num_latents,), float("-inf"), device=self.device),
-            ]),
-            moments=torch.zeros(4, self.num_latents, **f64),
-            counts=torch.zeros(2, **f64),
-        )
+        self._sums = empty_batch_stats(self.num_latents, self.dim, self.device, cross_dtype=torch.float64)
 
     def update(self, acts, emb: Tensor, *, num_latents: int | None = None) -> None:
         """Adds a batch: acts in any form `monoscore` accepts (num_latents defaults to

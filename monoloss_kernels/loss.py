@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
-from .stats import CsrActs, MonoScoreStats, finalize, reshift
+from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
 
@@ -98,16 +98,8 @@ def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -
     num_latents = acts.num_latents if sparse else acts.shape[1]
     values = acts.values if sparse else acts
     zero = 0 * values.sum()  # connects the (empty) input to the graph
-    f64 = dict(device=emb.device, dtype=torch.float64)
-    return MonoScoreStats(
-        cross=torch.zeros(emb.shape[1], num_latents, device=emb.device) + zero,
-        unit_emb_sum=torch.zeros(emb.shape[1], **f64),
-        shift=torch.zeros(num_latents, device=emb.device),
-        act_range=torch.stack([torch.full((num_latents,), float("inf"), device=emb.device),
-                               torch.full((num_latents,), float("-inf"), device=emb.device)]) + zero,
-        moments=torch.zeros(4, num_latents, **f64) + zero,
-        counts=torch.zeros(2, **f64),
-    )
+    empty = empty_batch_stats(num_latents, emb.shape[1], emb.device)
+    return empty._replace(cross=empty.cross + zero, act_range=empty.act_range + zero, moments=empty.moments + zero)
 
 
 def _all_reduce_stats(stats: MonoScoreStats, acts, num_rows: int, group):

@@ -154,6 +154,23 @@ def empty_stats_like(acts: Tensor, emb: Tensor, num_latents: int | None = None) 
     )
 
 
+def empty_batch_stats(num_latents: int, dim: int, device, cross_dtype=torch.float32) -> MonoScoreStats:
+    """The statistics of no rows: zero sums, shift 0, min +inf and max -inf (so that
+    adding or reducing real statistics into them leaves those unchanged)."""
+    f64 = dict(device=device, dtype=torch.float64)
+    return MonoScoreStats(
+        cross=torch.zeros(dim, num_latents, device=device, dtype=cross_dtype),
+        unit_emb_sum=torch.zeros(dim, **f64),
+        shift=torch.zeros(num_latents, device=device, dtype=cross_dtype),
+        act_range=torch.stack([
+            torch.full((num_latents,), float("inf"), device=device),
+            torch.full((num_latents,), float("-inf"), device=device),
+        ]),
+        moments=torch.zeros(4, num_latents, **f64),
+        counts=torch.zeros(2, **f64),
+    )
+
+
 def torch_monoscore_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
     """The statistics in plain torch: the readable specification of the contract.
 

@@ -2,6 +2,8 @@
 including the adversarial cases every backend must get right. Never zeros:
 every case draws fresh random values from the given generator."""
 
+import socket
+
 import torch
 
 import monoloss_kernels
@@ -97,3 +99,10 @@ def sparse_form(form: str, values: torch.Tensor, indices: torch.Tensor, m: int):
         return values, indices
     dense = densify(values, indices, m)
     return dense.to_sparse() if form == "coo" else dense.to_sparse_csr()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

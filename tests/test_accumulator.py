@@ -3,7 +3,6 @@ checkpoint round trip all equal one `monoscore` call over the concatenation."""
 
 import io
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 import monoloss_kernels as mk
 from monoloss_kernels.reference import pairwise_monoscore
 
-from .helpers import densify, make_acts, make_emb, make_topk
+from .helpers import densify, free_port, make_acts, make_emb, make_topk
 from .test_monoscore import ATOL
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
@@ -141,12 +140,6 @@ def test_bad_use_raises():
         acc.load_state_dict(state)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _all_reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -165,7 +158,7 @@ def _all_reduce_worker(rank: int, world_size: int, port: int, out_dir: str) -> N
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_all_reduce_across_processes(world_size, tmp_path):
-    mp.start_processes(_all_reduce_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size,
+    mp.start_processes(_all_reduce_worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size,
                        join=True, start_method="spawn")
     dense, emb = make_data(8)
     expected = pairwise_monoscore(dense, emb)

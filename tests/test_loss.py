@@ -8,7 +8,7 @@ import monoloss_kernels as mk
 from monoloss_kernels import _autograd
 from monoloss_kernels.stats import MonoScoreStats, finalize
 
-from .helpers import densify, make_acts, make_emb, make_topk
+from .helpers import densify, free_port, make_acts, make_emb, make_topk
 
 # The float32 bounds: the loss within 1e-5, the gradient within 1e-4 of its largest entry.
 LOSS_ATOL = 1e-5
@@ -222,14 +222,6 @@ def test_gradcheck_float64_topk():
     assert torch.autograd.gradcheck(loss, (values, emb), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_batch():
     gen = torch.Generator().manual_seed(61)
     acts = make_acts("mixed_offset", 90, 13, gen).float()
@@ -264,7 +256,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_distributed_equals_concatenated_batch(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     acts, values, indices, emb = _ddp_batch()
     full = acts.clone().requires_grad_()

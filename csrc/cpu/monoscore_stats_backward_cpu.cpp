@@ -15,6 +15,7 @@
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
 #include "../monoscore.h"
+#include "vectorize.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,18 +26,11 @@
 #include <algorithm>
 #include <vector>
 
-// 64-byte vectors passed by value have another ABI in the baseline build than in
-// the AVX-512 clones (-Wpsabi). Harmless: they never cross this file's boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace monoloss_kernels {
 namespace {
 
 constexpr int64_t kLatentGrain = 256;
 constexpr int64_t kRowGrain = 64;
-// Dims per tile of the sparse backward: one cache line, one AVX-512 register.
-constexpr int64_t kTileWidth = 16;
-typedef float TileVec __attribute__((vector_size(kTileWidth * sizeof(float))));
 typedef float HalfVec __attribute__((vector_size(kTileWidth / 2 * sizeof(float))));
 
 // Per-latent coefficients of the elementwise terms, float32.
@@ -85,9 +79,7 @@ inline float entry_terms(const LatentTerms& t, int64_t k, float a, float b, bool
 
 // One row of acts, latents [k0, k1): ties with each latent's min and max. The
 // clones (AVX-512/AVX2, picked at load time) vectorise these branch-free loops.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void count_ties_row(const float* __restrict__ a, const float* __restrict__ lo, const float* __restrict__ hi,
                     int32_t* __restrict__ min_ties, int32_t* __restrict__ max_ties, int64_t k0, int64_t k1) {
   for (int64_t k = k0; k < k1; ++k) {
@@ -98,9 +90,7 @@ void count_ties_row(const float* __restrict__ a, const float* __restrict__ lo, c
 
 // One row of the output, latents [k0, k1): out += the per-entry terms (a row
 // whose embedding is nonzero; zero rows add their two terms separately).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void add_terms_row(float* __restrict__ out, const float* __restrict__ a, const float* __restrict__ shift,
                    const LatentTerms& t, int64_t k0, int64_t k1) {
   const float* __restrict__ sum = t.sum.data();
@@ -118,16 +108,8 @@ void add_terms_row(float* __restrict__ out, const float* __restrict__ a, const f
   }
 }
 
-inline TileVec load_tile_row(const float* p) {
-  TileVec v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // Rows [n0, n1): dots[e] += ê_tile[row_e] · g_tile[col_e] for their entries.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void add_tile_dots(const int64_t* __restrict__ crow, const int64_t* __restrict__ cols,
                    const float* __restrict__ unit_tile, const float* __restrict__ g_tile, int64_t n0,
                    int64_t n1, float* __restrict__ dots) {

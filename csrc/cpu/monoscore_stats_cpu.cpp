@@ -12,6 +12,7 @@
 //  - staged: every other input (half, bfloat16, float64, strided) is converted
 //    and shifted by acts[0] into a float32 chunk buffer the GEMM then reads.
 #include "../monoscore.h"
+#include "vectorize.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -59,9 +60,7 @@ struct LatentAccumulators {
 // AVX-512/AVX2 clones (picked at load time by what the CPU has) widen the
 // float64 lanes of the baseline x86-64 build.
 template <typename scalar_t, bool kUnitStride, bool kStage, int kRows>
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void reduce_rows(const scalar_t* __restrict__ rows, int64_t row_stride, int64_t col_stride,
                  int64_t k0, int64_t k1, const float* __restrict__ shift,
                  float* __restrict__ staged, int64_t staged_stride, double* __restrict__ sum,

@@ -17,6 +17,7 @@
 // cross is written latent-major ((M, d), returned transposed): each latent's
 // tile row is one cache line, where a (d, M) layout would take 16.
 #include "../monoscore.h"
+#include "vectorize.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,15 +31,9 @@
 #include <string>
 #include <vector>
 
-// 64-byte vectors passed by value have another ABI in the baseline build than in
-// the AVX-512 clones (-Wpsabi). Harmless: they never cross this file's boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace monoloss_kernels {
 namespace {
 
-// Embedding dims per tile: one cache line, one AVX-512 register of floats.
-constexpr int64_t kTileWidth = 16;
 // Rows per block: a block of one tile is 1 MiB, half of a core's 2 MiB L2 on
 // the Xeon this was tuned on, leaving room for the stream of entries that
 // reads it (a whole 2 MiB tile did not stay in L2 next to that stream).
@@ -51,22 +46,9 @@ constexpr int64_t kEntriesPerPartial = 64;
 constexpr int64_t kRowGrain = 256;
 constexpr int64_t kRowsPerPartial = 64;
 
-// One tile row of floats as a GCC/Clang vector: AVX-512 in the avx512f clone,
-// split into AVX2/SSE registers by the others. Written with vector types
-// because the auto-vectoriser vectorises across entries here (gathers).
-typedef float TileVec __attribute__((vector_size(kTileWidth * sizeof(float))));
-
-inline TileVec load_tile_row(const float* p) {
-  TileVec v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // cross_t[j, t0:t0+width) for the latents [j0, j1), reading one tile of the
 // unit embeddings (N x kTileWidth).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
                       const float* __restrict__ weights, const float* __restrict__ tile, int64_t j0,
                       int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width,
@@ -99,9 +81,7 @@ void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t*
 // Unit embedding rows [n0, n1) into the tiles (num_tiles, tile_rows, kTileWidth)
 // of the block starting at row_base, zero-padded past d; adds their column sums
 // into unit_sum (d, float64).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+MONOLOSS_VECTOR_CLONES
 void unit_tiles(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t n0,
                 int64_t n1, int64_t row_base, int64_t tile_rows, int64_t d, float* __restrict__ tiles,
                 double* __restrict__ unit_sum) {
