@@ -97,6 +97,24 @@ def _sparse_to_csr(acts: Tensor, num_latents) -> CsrActs:
     return CsrActs(crow, cols.long(), acts.values(), num_latents)
 
 
+def canonical_acts(acts, num_latents=None) -> Tensor | CsrActs:
+    """acts alone in canonical form: any sparse form as `CsrActs`, a dense tensor
+    unchanged (its rank, dtype and width against num_latents are checked by
+    `validate_acts`, which also checks it against emb)."""
+    if isinstance(acts, CsrActs):  # already canonical (built by the SAE modules, say)
+        _check_num_latents(num_latents, acts.num_latents)
+        return acts
+    if isinstance(acts, tuple):
+        return _topk_to_csr(acts, num_latents)
+    if isinstance(acts, Tensor) and acts.layout in (torch.sparse_coo, torch.sparse_csr):
+        return _sparse_to_csr(acts, num_latents)
+    if isinstance(acts, Tensor) and acts.layout != torch.strided:
+        raise TypeError(f"acts must be {ACTS_FORMS}; got layout {acts.layout} (convert with .to_sparse_csr())")
+    if not isinstance(acts, Tensor):
+        raise TypeError(f"acts must be {ACTS_FORMS}; got {type(acts).__name__}")
+    return acts
+
+
 def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor]:
     """Checks (acts, emb) and returns acts in canonical form: the dense (N, M) tensor
     unchanged, or any sparse form as `CsrActs`; emb unchanged.
@@ -104,16 +122,7 @@ def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor
     NaN/Inf values are refused after the kernels (`check_stats_finite`); a latent
     stored twice in a row, where the kernels order the entries by latent.
     """
-    if isinstance(acts, CsrActs):  # already canonical (built by the SAE modules, say)
-        _check_num_latents(num_latents, acts.num_latents)
-    elif isinstance(acts, tuple):
-        acts = _topk_to_csr(acts, num_latents)
-    elif isinstance(acts, Tensor) and acts.layout in (torch.sparse_coo, torch.sparse_csr):
-        acts = _sparse_to_csr(acts, num_latents)
-    elif isinstance(acts, Tensor) and acts.layout != torch.strided:
-        raise TypeError(f"acts must be {ACTS_FORMS}; got layout {acts.layout} (convert with .to_sparse_csr())")
-    elif not isinstance(acts, Tensor):
-        raise TypeError(f"acts must be {ACTS_FORMS}; got {type(acts).__name__}")
+    acts = canonical_acts(acts, num_latents)
     if isinstance(acts, CsrActs):
         _check_tensor("emb", emb)
         if acts.num_rows != emb.shape[0]:
