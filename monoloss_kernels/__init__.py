@@ -14,6 +14,7 @@ in fused C++/CUDA and Triton kernels.
 from . import _autograd, reference, sae
 from ._dispatch import BACKENDS, available_backends
 from .accumulator import MonoScoreAccumulator
+from .dataset_loss import dataset_monoloss_backward
 from .loss import MonoLoss, monoloss
 from .monoscore import monoscore
 from .stats import MonoScoreStats, finalize
@@ -24,6 +25,7 @@ __all__ = [
     "MonoScoreAccumulator",
     "MonoScoreStats",
     "available_backends",
+    "dataset_monoloss_backward",
     "finalize",
     "monoloss",
     "monoscore",

@@ -1,0 +1,191 @@
+"""Full-dataset MonoLoss in two passes (`dataset_monoloss_backward`) against autograd of
+the float64 closed form on the concatenated dataset: the loss and every parameter
+gradient, for dense and TopK latents, several batchings, ties at the min and max,
+dead latents, and a dataset split over processes."""
+
+import pytest
+import torch
+
+import monoloss_kernels as mk
+
+from .helpers import BACKEND_DEVICES, backend_id, densify, free_port, make_emb
+from .test_loss import reference_loss
+
+# The issue's bounds: the loss within 1e-6 relative; parameter gradients within 1e-5 of
+# their largest entry.
+LOSS_RTOL = 1e-6
+GRAD_RTOL_OF_MAX = 1e-5
+
+NUM_ROWS, INPUT_DIM, NUM_LATENTS, EMB_DIM, TOPK = 97, 11, 13, 7, 4
+DEAD_LATENT = 0
+
+
+class Encoder(torch.nn.Module):
+    """A small SAE encoder: ReLU latents (dense) or the top k pre-activations (TopK)."""
+
+    def __init__(self, gen: torch.Generator, topk: bool):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(INPUT_DIM, NUM_LATENTS, generator=gen) / INPUT_DIM**0.5)
+        bias = 0.1 * torch.randn(NUM_LATENTS, generator=gen)
+        bias[DEAD_LATENT] = -100.0  # never fires: its score is undefined and it is left out of the mean
+        self.bias = torch.nn.Parameter(bias)
+        self.topk = topk
+
+    def forward(self, x: torch.Tensor):
+        pre = x @ self.weight + self.bias
+        if self.topk:
+            return torch.topk(pre, TOPK, dim=1)
+        return torch.relu(pre)  # many samples tie at the minimum 0
+
+
+def make_dataset(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(NUM_ROWS, INPUT_DIM, generator=gen)
+    # Repeated samples, far out: they attain several latents' maxima together (ties at the max).
+    x[[3, 40, 90]] = 4 * x[3]
+    emb = make_emb("zero_dup", NUM_ROWS, EMB_DIM, gen).float()
+    return x, emb
+
+
+def batches(x: torch.Tensor, emb: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch_size], emb[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+
+
+def expected_loss_and_grads(model: Encoder, x: torch.Tensor, emb: torch.Tensor):
+    """Autograd of the float64 closed form over the whole dataset at once."""
+    model.zero_grad()
+    out = model(x)
+    acts = densify(out.values, out.indices, NUM_LATENTS) if model.topk else out
+    loss = reference_loss(acts, emb)
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+
+def check_grads(grads, expected):
+    for grad, want in zip(grads, expected):
+        scale = want.abs().max().item()
+        assert scale > 0, "the reference gradient must not vanish, or the check is empty"
+        torch.testing.assert_close(grad, want, rtol=0, atol=GRAD_RTOL_OF_MAX * scale)
+
+
+@pytest.mark.parametrize("backend_device", BACKEND_DEVICES, ids=backend_id)
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+@pytest.mark.parametrize("batch_size", [10, 32, NUM_ROWS])
+def test_equals_autograd_on_the_concatenated_dataset(backend_device, topk, batch_size):
+    backend, device = backend_device
+    model = Encoder(torch.Generator().manual_seed(5), topk).to(device)
+    x, emb = (t.to(device) for t in make_dataset(seed=7))
+    acts = model(x)
+    if not topk:  # the case this test exists for: ties at both extremes, spread over batches
+        assert (acts[:, 1:] == 0).sum(0).min() > 1
+        assert ((acts == acts.amax(0)).sum(0) > 1).any()
+    expected_loss, expected_grads = expected_loss_and_grads(model, x, emb)
+    x_before, emb_before = x.clone(), emb.clone()
+
+    model.zero_grad()
+    loss = mk.dataset_monoloss_backward(
+        lambda batch: (model(batch[0]), batch[1]), batches(x, emb, batch_size),
+        num_latents=NUM_LATENTS, backend=backend,
+    )
+    assert loss == pytest.approx(expected_loss, rel=LOSS_RTOL)
+    check_grads([p.grad for p in model.parameters()], expected_grads)
+    assert torch.equal(x, x_before) and torch.equal(emb, emb_before)
+
+
+def test_scale_and_accumulation_into_grad():
+    model = Encoder(torch.Generator().manual_seed(11), topk=False)
+    x, emb = make_dataset(seed=13)
+    _, expected = expected_loss_and_grads(model, x, emb)
+    # Gradients accumulate, as after an earlier loss.backward() (of the same size, so that
+    # subtracting them back loses no precision).
+    earlier = [torch.full_like(g, 1e-3) for g in expected]
+    for p, g in zip(model.parameters(), earlier):
+        p.grad = g.clone()
+    mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x, emb, 16), num_latents=NUM_LATENTS,
+                                 scale=0.25)
+    check_grads([p.grad - g for p, g in zip(model.parameters(), earlier)], [0.25 * g for g in expected])
+
+
+def test_differentiable_emb():
+    """emb from a learned projection: its parameters get the gradient through emb too."""
+    gen = torch.Generator().manual_seed(17)
+    model = Encoder(gen, topk=False)
+    projection = torch.nn.Parameter(torch.randn(INPUT_DIM, EMB_DIM, generator=gen))
+    x, _ = make_dataset(seed=19)
+    params = [*model.parameters(), projection]
+
+    loss = reference_loss(model(x), x @ projection)
+    expected = torch.autograd.grad(loss, params)
+    for p in params:
+        p.grad = None
+    value = mk.dataset_monoloss_backward(lambda b: (model(b), b @ projection), x.split(20), num_latents=NUM_LATENTS,
+                                         differentiable_emb=True)
+    assert value == pytest.approx(loss.item(), rel=LOSS_RTOL)
+    check_grads([p.grad for p in params], expected)
+
+
+def test_no_defined_latent_gives_one_and_no_gradient():
+    model = Encoder(torch.Generator().manual_seed(23), topk=False)
+    x, emb = make_dataset(seed=29)
+    loss = mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), [(x[:1], emb[:1])], num_latents=NUM_LATENTS)
+    assert loss == 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_that_changes_between_passes_is_refused():
+    model = Encoder(torch.Generator().manual_seed(31), topk=False)
+    x, emb = make_dataset(seed=37)
+    noise = torch.Generator().manual_seed(41)
+
+    def dropout_like(batch):  # different values in each pass
+        return torch.relu(model(batch[0]) + torch.rand(1, generator=noise)), batch[1]
+
+    with pytest.raises(RuntimeError, match="different values in the two passes|other samples than pass 1"):
+        mk.dataset_monoloss_backward(dropout_like, batches(x, emb, 25), num_latents=NUM_LATENTS)
+
+
+def test_bad_input_raises():
+    model = Encoder(torch.Generator().manual_seed(43), topk=False)
+    x, emb = make_dataset(seed=47)
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), [], num_latents=NUM_LATENTS)
+    with pytest.raises(TypeError, match=r"model_fn\(batch\) must return the pair \(acts, emb\)"):
+        mk.dataset_monoloss_backward(lambda b: model(b[0]), batches(x, emb, 50), num_latents=NUM_LATENTS)
+    with pytest.raises(TypeError, match="num_latents must be a positive int"):
+        mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x, emb, 50), num_latents=0)
+    with pytest.raises(ValueError, match="emb contains NaN"):
+        bad = emb.clone()
+        bad[60, 2] = float("nan")
+        mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x, bad, 50), num_latents=NUM_LATENTS)
+
+
+def _distributed_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = Encoder(torch.Generator().manual_seed(53), topk=True)  # the same weights on every rank
+        x, emb = make_dataset(seed=59)
+        shard = slice(*[(0, 30), (30, NUM_ROWS)][rank])  # uneven shards
+        loss = mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x[shard], emb[shard], 16),
+                                            num_latents=NUM_LATENTS, distributed=True)
+        torch.save({"loss": loss, "grads": [p.grad for p in model.parameters()]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_equals_one_process_on_the_union(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_distributed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    model = Encoder(torch.Generator().manual_seed(53), topk=True)
+    expected_loss, expected_grads = expected_loss_and_grads(model, *make_dataset(seed=59))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for result in results:
+        assert result["loss"] == pytest.approx(expected_loss, rel=LOSS_RTOL)
+    check_grads([sum(grads) for grads in zip(*(r["grads"] for r in results))], expected_grads)
