@@ -17,14 +17,17 @@ from .accumulator import MonoScoreAccumulator
 from .dataset_loss import dataset_monoloss_backward
 from .loss import MonoLoss, monoloss
 from .monoscore import monoscore
+from .purity import ClassPurityAccumulator, class_purity
 from .stats import MonoScoreStats, finalize
 
 __all__ = [
     "BACKENDS",
+    "ClassPurityAccumulator",
     "MonoLoss",
     "MonoScoreAccumulator",
     "MonoScoreStats",
     "available_backends",
+    "class_purity",
     "dataset_monoloss_backward",
     "finalize",
     "monoloss",
@@ -33,5 +36,18 @@ __all__ = [
     "sae",
 ]
 __version__ = "0.1.0"
+
+# Submodules with heavy optional dependencies, imported on first attribute access:
+# `import monoloss_kernels` must not import open_clip.
+_LAZY_SUBMODULES = ("embeddings",)
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _autograd.register()
