@@ -46,26 +46,33 @@ def _fused_kernel(device: torch.device, op: str) -> bool:
     return _extension.has_kernel(device.type.upper(), op)
 
 
-def _zeros_if_none(grads, like):
-    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, like)]
+def _zeros_if_none(grads, shapes, device):
+    return [torch.zeros(shape, device=device) if g is None else g for g, shape in zip(grads, shapes)]
 
 
-def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
-    acts, emb, shift, act_range, cross, moments = ctx.saved_tensors
+def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, *,
+                      acts_grad: bool, emb_grad: bool, use_kernel: bool = True):
+    """(∂L/∂acts, ∂L/∂emb) -- each None unless asked for -- given the gradients of the
+    statistics of dense `acts` taken at `shift` (any grad may be None). grad_range[0, k]
+    is shared by the entries equal to latent k's minimum, act_range[0, k] (the C++ kernel
+    reads it from act_range, the torch formula recomputes it: the same value); likewise
+    the maximum."""
+    num_latents, dim = acts.shape[1], emb.shape[1]
     kernel = use_kernel and _fused_kernel(acts.device, _extension.BACKWARD_OP)
-    if (ctx.needs_input_grad[0] and not kernel) or ctx.needs_input_grad[1]:  # what the torch formulas read
+    if (acts_grad and not kernel) or emb_grad:  # what the torch formulas read
         inv_norm = row_inv_norm(emb)
         unit = emb.float() * inv_norm[:, None]  # (N, d)
         b = acts.float() - shift  # (N, M)
     grad_acts = grad_emb = None
-    if ctx.needs_input_grad[0] and kernel:
+    if acts_grad and kernel:
         grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
-            (grad_cross, grad_moments, grad_range), (cross, moments, act_range)
+            (grad_cross, grad_moments, grad_range), ((dim, num_latents), (4, num_latents), (2, num_latents)),
+            acts.device,
         )
         grad_acts = torch.ops.monoloss_kernels.monoscore_stats_backward(
             acts, emb, shift, act_range, grad_cross_, grad_moments_, grad_range_
         )
-    elif ctx.needs_input_grad[0]:
+    elif acts_grad:
         grad = unit @ grad_cross.float() if grad_cross is not None else torch.zeros_like(b)
         if grad_moments is not None:
             g = grad_moments.float()
@@ -73,11 +80,11 @@ def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments
             zero_rows = (inv_norm == 0)[:, None]
             grad += zero_rows * (g[2] + 2 * b * g[3])
         if grad_range is not None:
-            for extreme, g in zip((acts.amin(0), acts.amax(0)), grad_range.float()):
+            for extreme, g in zip((acts.amin(0), acts.amax(0)), grad_range.float()):  # exact in acts' dtype
                 is_extreme = acts == extreme
                 grad += _tie_share(is_extreme, g, is_extreme.sum(0))
         grad_acts = grad.to(acts.dtype)
-    if ctx.needs_input_grad[1]:
+    if emb_grad:
         grad_unit = torch.zeros_like(unit)
         if grad_cross is not None:
             grad_unit += b @ grad_cross.float().T
@@ -87,39 +94,14 @@ def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments
     return grad_acts, grad_emb
 
 
-# The backward functions registered with the ops. The gradients of shift and counts
-# are ignored (see above). The *_torch variants always use the torch formula: the
-# tests gradcheck them in float64, where the float32 C++ kernel could not be.
-def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
-
-
-def dense_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
-                               _grad_counts):
-    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
-
-
-def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
-
-
-def csr_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
-                             _grad_counts):
-    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
-
-
-def dense_setup_context(ctx, inputs, output):
-    acts, emb = inputs
-    cross, _, shift, act_range, moments, _ = output
-    ctx.save_for_backward(acts, emb, shift, act_range, cross, moments)
-
-
-def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
-    crow_indices, cols, values, emb, shift, act_range, cross, moments = ctx.saved_tensors
-    num_latents = ctx.num_latents
-    num_rows = crow_indices.shape[0] - 1
+def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_range, grad_cross, grad_unit_emb_sum,
+                    grad_range, grad_moments, *, values_grad: bool, emb_grad: bool, use_kernel: bool = True):
+    """`dense_stats_grads` for sparse activations in CSR form: (∂L/∂values, ∂L/∂emb).
+    The implicit zeros count among the entries tied with act_range (no gradient
+    reaches them)."""
+    num_rows, dim = crow_indices.shape[0] - 1, emb.shape[1]
     kernel = use_kernel and _fused_kernel(values.device, _extension.CSR_BACKWARD_OP)
-    if (ctx.needs_input_grad[2] and not kernel) or ctx.needs_input_grad[3]:  # what the torch formulas read
+    if (values_grad and not kernel) or emb_grad:  # what the torch formulas read
         rows = torch.repeat_interleave(
             torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
         )
@@ -128,14 +110,15 @@ def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, 
         b = values.float() - shift[cols]  # (nnz,)
     grad_cross_t = grad_cross.float().T if grad_cross is not None else None  # (M, d)
     grad_values = grad_emb = None
-    if ctx.needs_input_grad[2] and kernel:
+    if values_grad and kernel:
         grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
-            (grad_cross, grad_moments, grad_range), (cross, moments, act_range)
+            (grad_cross, grad_moments, grad_range), ((dim, num_latents), (4, num_latents), (2, num_latents)),
+            values.device,
         )
         grad_values = torch.ops.monoloss_kernels.monoscore_stats_csr_backward(
             crow_indices, cols, values, emb, num_latents, shift, act_range, grad_cross_, grad_moments_, grad_range_
         )
-    elif ctx.needs_input_grad[2]:
+    elif values_grad:
         grad = torch.zeros_like(b)
         if grad_cross_t is not None:
             for e0 in range(0, b.shape[0], ENTRIES_PER_BLOCK):  # Σ_d Ê[row_e, d] G[d, col_e], blockwise
@@ -147,19 +130,18 @@ def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, 
         if grad_range is not None:
             stored = torch.zeros(num_latents, device=emb.device).index_add_(0, cols, torch.ones_like(b))
             implicit_zeros = num_rows - stored
-            for reduce, g in zip(("amin", "amax"), grad_range.float()):
+            for reduce, g in zip(("amin", "amax"), grad_range.float()):  # exact in values' dtype
                 fill = float("inf") if reduce == "amin" else float("-inf")
                 extreme = torch.full((num_latents,), fill, device=emb.device, dtype=values.dtype)
                 extreme = extreme.scatter_reduce(0, cols, values, reduce)
-                zero = torch.zeros_like(extreme)
                 bound = torch.minimum if reduce == "amin" else torch.maximum
-                extreme = torch.where(implicit_zeros > 0, bound(extreme, zero), extreme)
+                extreme = torch.where(implicit_zeros > 0, bound(extreme, torch.zeros_like(extreme)), extreme)
                 is_extreme = values == extreme[cols]
                 num_ties = torch.zeros_like(stored).index_add_(0, cols, is_extreme.float())
                 num_ties += torch.where(extreme == 0, implicit_zeros, 0)
                 grad += _tie_share(is_extreme, g[cols], num_ties[cols])
         grad_values = grad.to(values.dtype)
-    if ctx.needs_input_grad[3]:
+    if emb_grad:
         grad_unit = torch.zeros_like(unit)
         if grad_cross_t is not None:
             for e0 in range(0, b.shape[0], ENTRIES_PER_BLOCK):
@@ -168,14 +150,58 @@ def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, 
         if grad_unit_emb_sum is not None:
             grad_unit += grad_unit_emb_sum.float()
         grad_emb = _emb_grad(emb, inv_norm, unit, grad_unit)
+    return grad_values, grad_emb
+
+
+# The backward functions registered with the ops. The gradients of shift and counts
+# are ignored (see above). The *_torch variants always use the torch formula: the
+# tests gradcheck them in float64, where the float32 C++ kernel could not be.
+def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
+    acts, emb, shift, act_range = ctx.saved_tensors
+    return dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum, grad_range, grad_moments,
+                             acts_grad=ctx.needs_input_grad[0], emb_grad=ctx.needs_input_grad[1],
+                             use_kernel=use_kernel)
+
+
+def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
+
+
+def dense_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
+                               _grad_counts):
+    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
+
+
+def dense_setup_context(ctx, inputs, output):
+    acts, emb = inputs
+    _, _, shift, act_range, _, _ = output
+    ctx.save_for_backward(acts, emb, shift, act_range)
+
+
+def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
+    crow_indices, cols, values, emb, shift, act_range = ctx.saved_tensors
+    grad_values, grad_emb = csr_stats_grads(
+        crow_indices, cols, values, emb, ctx.num_latents, shift, act_range, grad_cross, grad_unit_emb_sum,
+        grad_range, grad_moments, values_grad=ctx.needs_input_grad[2], emb_grad=ctx.needs_input_grad[3],
+        use_kernel=use_kernel,
+    )
     return None, None, grad_values, grad_emb, None
+
+
+def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
+
+
+def csr_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
+                             _grad_counts):
+    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
 
 
 def csr_setup_context(ctx, inputs, output):
     crow_indices, col_indices, values, emb, num_latents = inputs
     ctx.num_latents = num_latents
-    cross, _, shift, act_range, moments, _ = output
-    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range, cross, moments)
+    _, _, shift, act_range, _, _ = output
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range)
 
 
 DENSE_STATS_OPS = (

@@ -6,23 +6,18 @@ loader five times (min/max, sums, then three more in the backward). Here two
 passes suffice, because the statistics are additive:
 
 1. **Statistics** (no autograd): every batch's `MonoScoreStats` go into a
-   `MonoScoreAccumulator`, and each latent's global min and max are tracked with
-   how many samples attain them. From the totals G, the loss
+   `MonoScoreAccumulator`, each latent's global min and max are tracked, and so is
+   how many samples attain the min. From the totals G, the loss
    L = 1 - mean MonoScore(G) and its gradient with respect to G (∂L/∂cross,
-   ∂L/∂moments, ∂L/∂min, ∂L/∂max) are computed once, in float64.
-2. **Gradient** (autograd, one batch at a time): each batch is recomputed and
-   back-propagated through the surrogate
-
-       ⟨∂L/∂cross, cross_b⟩ + ⟨∂L/∂moments, moments_b⟩
-       + Σ_k w_b[k] (∂L/∂min[k] · min_b[k] + the same for max)
-
-   where cross_b, moments_b are the batch's sums moved onto the accumulator's
-   shift, and w_b[k] is the batch's share of the samples tied at latent k's
-   global extreme (0 if the batch does not attain it). G is a sum of the
-   batches' sums, so ∂L/∂θ = Σ_b ∂surrogate_b/∂θ exactly, the terms through
-   each latent's global min and max included; the registered backward of the
-   statistics op splits w_b among the batch's own tied samples, as torch.amin
-   would over the concatenated dataset.
+   ∂L/∂moments, ∂L/∂min) are computed once, in float64. (∂L/∂max = 0: the scale
+   1/(max - min) cancels.)
+2. **Gradient** (one batch at a time): G is the sum of the batches' statistics
+   taken at one common shift, so ∂L/∂(batch acts) is the backward of the statistics
+   op applied to ∂L/∂G -- the same function autograd calls after `monoloss` -- with
+   each entry at its latent's global minimum getting ∂L/∂min / (ties over the whole
+   dataset), as torch.amin would over the concatenated dataset. Each batch is
+   recomputed with autograd and that gradient back-propagated into the parameters;
+   its statistics are not recomputed.
 
 Memory: the O(d·M) float64 sums plus one batch's graph.
 """
@@ -32,59 +27,57 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from . import _autograd
 from ._dispatch import stats_function
 from ._progress import progress_bar
 from ._validate import check_stats_finite, validate_acts
 from .accumulator import MonoScoreAccumulator
 from .loss import _ties
-from .stats import CsrActs, MonoScoreStats, finalize, reshift
+from .stats import CsrActs, finalize
 
 
 class _ExtremeTracker:
-    """Per latent, the running min and max of the activations and how many samples
-    attain each (float64 counts; a TopK pair's implicit zeros count too)."""
+    """Per latent, the running min and max of the activations, and how many samples
+    attain the min (float64; a TopK pair's implicit zeros count). The max needs no
+    count: the score does not depend on it (the scale 1/(max - min) cancels)."""
 
     def __init__(self):
         self.extremes = None  # (2, M) float32: min, max
-        self.ties = None  # (2, M) float64
+        self.min_ties = None  # (M,) float64
 
     def update(self, acts, act_range: Tensor, num_rows: int) -> None:
-        ties = torch.stack([_ties(acts, act_range[0], num_rows), _ties(acts, act_range[1], num_rows)]).double()
+        ties = _count_equal(acts, act_range[0], num_rows)
         if self.extremes is None:
-            self.extremes, self.ties = act_range.clone(), ties
+            self.extremes, self.min_ties = act_range.clone(), ties
             return
-        # Row 0 keeps the smaller value, row 1 the larger: flip the max row's sign.
-        sign = torch.tensor([1.0, -1.0], device=act_range.device)[:, None]
-        old, new = self.extremes * sign, act_range * sign
-        self.ties = torch.where(new < old, ties, torch.where(new == old, self.ties + ties, self.ties))
-        self.extremes = torch.where(new < old, act_range, self.extremes)
+        old_min, new_min = self.extremes[0], act_range[0]
+        self.min_ties = torch.where(new_min < old_min, ties,
+                                    torch.where(new_min == old_min, self.min_ties + ties, self.min_ties))
+        self.extremes = torch.stack([torch.minimum(old_min, new_min), torch.maximum(self.extremes[1], act_range[1])])
 
     def all_reduce(self, group) -> None:
         """Every rank's extremes and tie counts become the global ones (collective)."""
         import torch.distributed as dist
 
-        local = self.extremes.clone()
+        local_min = self.extremes[0].clone()
         dist.all_reduce(self.extremes[0], op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(self.extremes[1], op=dist.ReduceOp.MAX, group=group)
-        self.ties = torch.where(local == self.extremes, self.ties, 0.0)
-        dist.all_reduce(self.ties, op=dist.ReduceOp.SUM, group=group)
+        self.min_ties = torch.where(local_min == self.extremes[0], self.min_ties, 0.0)
+        dist.all_reduce(self.min_ties, op=dist.ReduceOp.SUM, group=group)
 
 
-def _batch_stats(model_fn, batch, num_latents: int, backend: str, differentiable_emb: bool):
-    acts, emb = _model_outputs(model_fn, batch)
-    acts, emb = validate_acts(acts, emb, num_latents)
-    if not differentiable_emb:
-        emb = emb.detach()
-    sparse = isinstance(acts, CsrActs)
-    num_rows = acts.num_rows if sparse else acts.shape[0]
-    if num_rows == 0:
-        return acts, emb, None, 0
-    stats = stats_function(backend, emb.device, sparse)(acts, emb)
-    check_stats_finite(stats, emb)
-    return acts, emb, stats, num_rows
+def _count_equal(acts, value: Tensor, num_rows: int) -> Tensor:
+    """(M,) float64: per latent, the entries of `acts` equal to value[k] (for sparse
+    acts, the implicit zeros included)."""
+    if isinstance(acts, CsrActs):
+        return _ties(acts, value, num_rows).double()
+    # Compared straight into float32 and summed as floats: about 3x faster on the CPU than
+    # summing a bool mask down its columns; exact up to 2^24 rows per batch.
+    equal = torch.empty(acts.shape, dtype=torch.float32, device=acts.device)
+    return torch.eq(acts.detach(), value, out=equal).sum(0).double()
 
 
-def _model_outputs(model_fn, batch):
+def _model_outputs(model_fn, batch, num_latents: int, differentiable_emb: bool):
     out = model_fn(batch)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(
@@ -92,7 +85,11 @@ def _model_outputs(model_fn, batch):
             f"accepts and its (B, d) embeddings; got {type(out).__name__}"
             + (f" of length {len(out)}" if isinstance(out, tuple) else "")
         )
-    return out
+    acts, emb = validate_acts(*out, num_latents)
+    if not differentiable_emb:
+        emb = emb.detach()
+    num_rows = acts.num_rows if isinstance(acts, CsrActs) else acts.shape[0]
+    return acts, emb, num_rows
 
 
 def dataset_monoloss_backward(
@@ -136,25 +133,27 @@ def dataset_monoloss_backward(
     if not isinstance(num_latents, int) or isinstance(num_latents, bool) or num_latents < 1:
         raise TypeError(f"num_latents must be a positive int, got {num_latents!r}")
 
-    # Pass 1: the dataset's statistics and each latent's extremes with their tie counts.
+    # Pass 1: the dataset's statistics, each latent's extremes, and the ties at its minimum.
     accumulator = None
     extremes = _ExtremeTracker()
     with torch.no_grad():
         for batch in progress_bar(loader, desc="MonoLoss pass 1/2 (statistics)", enabled=progress):
-            acts, emb, stats, num_rows = _batch_stats(model_fn, batch, num_latents, backend, differentiable_emb)
+            acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
             if accumulator is None:
                 accumulator = MonoScoreAccumulator(num_latents, emb.shape[1], device=emb.device, backend=backend)
-            if stats is None:
+            if num_rows == 0:
                 continue
+            stats = stats_function(backend, emb.device, isinstance(acts, CsrActs))(acts, emb)
+            check_stats_finite(stats, emb)
             accumulator._add(stats, num_rows)
             extremes.update(acts, stats.act_range, num_rows)
     if accumulator is None:
         raise ValueError("loader yielded no batches")
     if distributed:
         accumulator.all_reduce(group)
-        if extremes.extremes is None:  # this rank's shard is empty
+        if extremes.extremes is None:  # this rank's shard has no rows
             extremes.extremes = accumulator._sums.act_range.clone()
-            extremes.ties = torch.zeros(2, num_latents, dtype=torch.float64, device=accumulator.device)
+            extremes.min_ties = torch.zeros(num_latents, dtype=torch.float64, device=accumulator.device)
         extremes.all_reduce(group)
     if accumulator.num_rows < 2:
         return 1.0
@@ -169,51 +168,68 @@ def dataset_monoloss_backward(
     if not bool(defined.any()):
         return 1.0
     loss = 1 - torch.where(defined, scores, 0.0).sum() / defined.sum()
-    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-    grads = {name: grad * scale for name, grad in grads.items()}
-    common_shift = totals.shift
+    grads = dict(zip(leaves, (scale * g for g in torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))))
+    assert grads["act_range"][1].count_nonzero() == 0, "the score depends on the max: count its ties too"
+    global_min = extremes.extremes[0]
+    # Each entry at latent k's global minimum gets grad_min[k] / (its ties over the dataset).
+    min_share = grads["act_range"][0] / extremes.min_ties.clamp(min=1)
+    shift = totals.shift.float()  # float32 values, held in float64
 
-    # Pass 2: each batch's exact share of the gradient.
+    # Pass 2: each batch's exact share of the gradient, from the registered backward of
+    # the statistics op evaluated at the dataset's statistics (no forward recomputed).
     seen_rows = 0
-    seen_ties = torch.zeros_like(extremes.ties)
+    seen_min_ties = torch.zeros_like(extremes.min_ties)
     for batch in progress_bar(loader, desc="MonoLoss pass 2/2 (gradient)", enabled=progress):
-        acts, emb, stats, num_rows = _batch_stats(model_fn, batch, num_latents, backend, differentiable_emb)
-        if stats is None:
+        acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
+        if num_rows == 0:
             continue
-        local_range = stats.act_range.detach()
-        _check_within(local_range, extremes.extremes)
-        moved = reshift(stats, common_shift)
-        surrogate = sum((getattr(moved, name) * grad).sum() for name, grad in grads.items() if name != "act_range")
-        for side in (0, 1):  # min, max
-            attains = local_range[side] == extremes.extremes[side]
-            ties = torch.where(attains, _ties(acts, local_range[side], num_rows).double(), 0.0)
-            seen_ties[side] += ties
-            share = (ties / extremes.ties[side].clamp(min=1)).float()
-            extreme = torch.where(attains, stats.act_range[side], 0.0)
-            surrogate = surrogate + (share * extreme * grads["act_range"][side]).sum()
-        surrogate.backward()
+        sparse = isinstance(acts, CsrActs)
+        values = acts.values if sparse else acts
+        if sparse:
+            below = values.detach() < global_min[acts.col_indices]
+        else:  # a column minimum reads acts faster than an elementwise comparison
+            below = values.detach().amin(0) < global_min
+        if bool(below.any()):
+            raise RuntimeError(
+                "dataset_monoloss_backward: a batch of pass 2 has activations below the minimum of pass 1, so "
+                "model_fn or the loader gave different values in the two passes (is dropout on, or random "
+                "augmentation?). The gradients accumulated so far are not those of one dataset: zero them."
+            )
+        ties = _count_equal(acts, global_min, num_rows)
+        seen_min_ties += ties
+        # The backward shares grad_range among the batch's own ties: give it this batch's part.
+        grad_range = torch.stack([(min_share * ties).float(), torch.zeros_like(global_min)])
+        wanted = (values.requires_grad, emb.requires_grad)
+        common = dict(grad_cross=grads["cross"], grad_unit_emb_sum=grads.get("unit_emb_sum"),
+                      grad_range=grad_range, grad_moments=grads["moments"])
+        if sparse:
+            grad_values, grad_emb = _autograd.csr_stats_grads(
+                acts.crow_indices, acts.col_indices, values.detach(), emb.detach(), num_latents, shift,
+                extremes.extremes, values_grad=wanted[0], emb_grad=wanted[1], **common)
+        else:
+            grad_values, grad_emb = _autograd.dense_stats_grads(
+                values.detach(), emb.detach(), shift, extremes.extremes, acts_grad=wanted[0],
+                emb_grad=wanted[1], **common)
+        outputs = [(t, g) for t, g in ((values, grad_values), (emb, grad_emb)) if g is not None]
+        if not outputs:
+            raise ValueError(
+                "model_fn's acts do not require grad: nothing to back-propagate (call it outside "
+                "torch.no_grad, with parameters that require grad)"
+            )
+        torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
         seen_rows += num_rows
-    _check_same_data(seen_rows, seen_ties, accumulator, extremes, distributed, group)
+    _check_same_data(seen_rows, seen_min_ties, accumulator, extremes, distributed, group)
     return float(loss.detach())
 
 
-def _check_within(local_range: Tensor, extremes: Tensor) -> None:
-    if bool((local_range[0] < extremes[0]).any() | (local_range[1] > extremes[1]).any()):
-        raise RuntimeError(
-            "dataset_monoloss_backward: a batch of pass 2 has activations outside the min/max of pass 1, "
-            "so model_fn or the loader gave different values in the two passes (is dropout on, or random "
-            "augmentation?). The gradients accumulated so far are not those of one dataset: zero them."
-        )
-
-
-def _check_same_data(seen_rows: int, seen_ties: Tensor, accumulator, extremes, distributed: bool, group) -> None:
+def _check_same_data(seen_rows: int, seen_min_ties: Tensor, accumulator, extremes, distributed: bool, group) -> None:
     expected_rows = accumulator.num_rows if not distributed else None  # other ranks' rows are not seen here
-    ties = seen_ties
+    ties = seen_min_ties
     if distributed:
         import torch.distributed as dist
 
         dist.all_reduce(ties, op=dist.ReduceOp.SUM, group=group)
-    if (expected_rows is not None and seen_rows != expected_rows) or not torch.equal(ties, extremes.ties):
+    if (expected_rows is not None and seen_rows != expected_rows) or not torch.equal(ties, extremes.min_ties):
         raise RuntimeError(
             "dataset_monoloss_backward: pass 2 saw other samples than pass 1 (row counts or the samples "
             "attaining each latent's min/max differ), so model_fn or the loader is not repeatable. The "

@@ -102,3 +102,77 @@ def published_monoloss(acts: Tensor, emb: Tensor) -> Tensor:
     scores = published_monoscore(acts, emb)
     finite = scores.isfinite()
     return 1 - torch.where(finite, scores, 0.0).sum() / finite.sum().clamp(min=1)
+
+
+def published_dataset_monoloss_backward(model_fn, loader, eps: float = 1e-8) -> float:
+    """Full-dataset MonoLoss as the published code trains with it (its `sae/mono_loss.py`),
+    the peer of `dataset_monoloss_backward`: five passes over `loader`, each calling
+    `model_fn(batch) -> (acts, emb)` with dense acts. Accumulates the gradient of
+    1 - mean MonoScore over all latents (scores of undefined latents count as 0) into
+    the parameters' `.grad`; returns the loss.
+
+    Forward: (1) per-latent min/max; (2) Σã, Σã², V = Σ p ãᵀ with p the unit rows.
+    Backward, which cannot keep the forward's sums: (3) the same sums again; (4) per
+    latent S1 = Σ ∂L/∂ã and S2 = Σ ∂L/∂ã·(a - min), and the tie counts at min and
+    max; (5) each batch recomputed with autograd and back-propagated with
+    ∂L/∂a = ∂L/∂ã / r plus, at tied extremes, the share of ∂L/∂min = -S1/r + S2/r²
+    and ∂L/∂max = -S2/r² (r = max - min + eps), where
+    ∂L/∂ã = g_W (p·V - ã) + g_Z (Σã - ã) for the score W/Z.
+    """
+
+    def batches():
+        for batch in loader:
+            acts, emb = model_fn(batch)
+            yield acts, F.normalize(emb.float(), p=2, dim=1, eps=eps)
+
+    with torch.no_grad():
+        act_min = act_max = None
+        for acts, _ in batches():  # (1)
+            lo, hi = acts.amin(0), acts.amax(0)
+            act_min = lo if act_min is None else torch.minimum(act_min, lo)
+            act_max = hi if act_max is None else torch.maximum(act_max, hi)
+        act_scale = act_max - act_min + eps
+
+        def sums():
+            sum_a = sum_a2 = cross = 0
+            for acts, unit in batches():
+                a = ((acts - act_min) / act_scale).float()
+                sum_a, sum_a2, cross = sum_a + a.sum(0), sum_a2 + (a * a).sum(0), cross + unit.T @ a
+            return sum_a, sum_a2, cross
+
+        sum_a, sum_a2, cross = sums()  # (2): the forward's loss
+        numerator = 0.5 * ((cross * cross).sum(0) - sum_a2)
+        denominator = 0.5 * (sum_a * sum_a - sum_a2)
+        defined = denominator > 1e-8
+        scores = torch.where(defined, numerator / (denominator + 1e-12), 0.0)
+        loss = 1 - scores.mean()
+
+        sum_a, sum_a2, cross = sums()  # (3): the backward rebuilds them
+        numerator = 0.5 * ((cross * cross).sum(0) - sum_a2)
+        denominator = 0.5 * (sum_a * sum_a - sum_a2)
+        grad_score = torch.full_like(numerator, -1 / numerator.shape[0])
+        grad_num = torch.where(defined, grad_score / (denominator + 1e-12), 0.0)
+        grad_den = torch.where(defined, -grad_score * numerator / (denominator**2 + 1e-12), 0.0)
+
+        def grad_normalized(a, unit):  # ∂L/∂ã of a batch
+            return grad_num * (unit @ cross - a) + grad_den * (sum_a - a)
+
+        s1 = s2 = min_ties = max_ties = 0
+        for acts, unit in batches():  # (4)
+            a = ((acts - act_min) / act_scale).float()
+            g = grad_normalized(a, unit)
+            s1, s2 = s1 + g.sum(0), s2 + (g * (acts - act_min).float()).sum(0)
+            min_ties = min_ties + (acts == act_min).sum(0)
+            max_ties = max_ties + (acts == act_max).sum(0)
+        grad_min = (-s1 / act_scale + s2 / act_scale**2) / min_ties.clamp(min=1)
+        grad_max = (-s2 / act_scale**2) / max_ties.clamp(min=1)
+
+    for batch in loader:  # (5)
+        acts, emb = model_fn(batch)
+        with torch.no_grad():
+            unit = F.normalize(emb.float(), p=2, dim=1, eps=eps)
+            a = ((acts - act_min) / act_scale).float()
+            grad_acts = (grad_normalized(a, unit) / act_scale
+                         + (acts == act_min) * grad_min + (acts == act_max) * grad_max)
+        acts.backward(grad_acts.to(acts.dtype))
+    return float(loss)
