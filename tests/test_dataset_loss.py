@@ -189,3 +189,23 @@ def test_distributed_equals_one_process_on_the_union(tmp_path):
     for result in results:
         assert result["loss"] == pytest.approx(expected_loss, rel=LOSS_RTOL)
     check_grads([sum(grads) for grads in zip(*(r["grads"] for r in results))], expected_grads)
+
+
+def test_published_five_pass_peer_agrees_where_every_latent_is_defined():
+    """The benchmark's peer (the paper's method) computes the same gradient when no latent
+    is dead (its mean runs over every latent) and no embedding row is zero."""
+    from monoloss_kernels.reference import published_dataset_monoloss_backward
+
+    gen = torch.Generator().manual_seed(71)
+    model = Encoder(gen, topk=False)
+    with torch.no_grad():
+        model.bias[DEAD_LATENT] = 0.0  # every latent fires
+    x, _ = make_dataset(seed=73)
+    emb = make_emb("plain", NUM_ROWS, EMB_DIM, gen).float()
+    expected_loss, expected = expected_loss_and_grads(model, x, emb)
+    model.zero_grad()
+    loss = published_dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x, emb, 20))
+    # The peer adds eps = 1e-8 to max - min and to the denominators, and sums in float32.
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for grad, want in zip((p.grad for p in model.parameters()), expected):
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-4 * want.abs().max().item())
