@@ -50,6 +50,11 @@ class SparseAutoencoder(nn.Module):
     def activate(self, pre_acts: Tensor):
         raise NotImplementedError
 
+    def latents(self, x: Tensor):
+        """The latents of x (B, d_in) in the form `monoloss` reads cheapest: a TopK
+        (values, indices) pair, `CsrActs` for BatchTopK, a dense (B, M) tensor otherwise."""
+        return self.activate(self.encode_pre(x))[1]
+
     def forward(self, x: Tensor, emb: Tensor | None = None) -> SAEOutput:
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must be (B, d_in={self.d_in}), got shape {tuple(x.shape)}")

@@ -65,3 +65,15 @@ def test_mono_coef_zero_skips_the_term():
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"x must be \(B, d_in=24\), got shape \(5, 7\)"):
         TopKSAE(D_IN, M, K)(torch.rand(5, 7))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_latents_are_the_forward_latents_in_monoloss_form(variant):
+    """`latents(x)` densifies to the forward's acts, and scores as they do."""
+    torch.manual_seed(2)
+    sae = VARIANTS[variant]()
+    x = batch(2)
+    dense = sae(x).acts.detach()
+    latents = sae.latents(x)
+    torch.testing.assert_close(mk.monoscore(latents, x, num_latents=M), mk.monoscore(dense, x),
+                               atol=2e-5, rtol=0, equal_nan=True)
