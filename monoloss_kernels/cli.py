@@ -220,7 +220,7 @@ def format_summary(summary: dict) -> str:
     num_latents = summary["num_latents"]
     lines = [
         f"MonoScore of {num_latents} latents over {summary['num_rows']} rows: {stats['num_defined']} defined, "
-        f"{num_latents - stats['num_defined']} undefined (dead, constant or firing on fewer than two rows)",
+        f"{num_latents - stats['num_defined']} undefined (constant, or above their minimum on fewer than two rows)",
         f"  mean {_fmt(stats['mean'])}   median {_fmt(stats['median'])}   "
         f"min {_fmt(stats['min'])}   max {_fmt(stats['max'])}",
     ]
