@@ -239,6 +239,25 @@ def test_labels_give_class_purity(tmp_path):
                                atol=PURITY_TOL, rtol=0, equal_nan=True)
 
 
+def test_every_backend_and_device(tmp_path, backend_device):
+    """Chunks (dense, CSR from delphi files) and labels are moved to the accumulator's device."""
+    backend, device = backend_device
+    latents = make_delphi_latents(seed=30, batches=7, seq_len=13)
+    batches, seq_len, m = latents.shape
+    write_delphi(tmp_path / "delphi", latents, [0, 15, m])
+    np.save(tmp_path / "dense.npy", latents.reshape(-1, m).numpy())
+    emb = make_emb("zero_dup", batches * seq_len, D, torch.Generator().manual_seed(31)).float()
+    labels = torch.randint(0, 3, (batches * seq_len,), generator=torch.Generator().manual_seed(32))
+    expected = mk.monoscore(latents.reshape(-1, m), emb)
+    for source in [tmp_path / "delphi", tmp_path / "dense.npy"]:
+        result = caches.score_activations(source, emb, labels=labels, batch_rows=40, device=device, backend=backend,
+                                          progress=False)
+        assert result.monoscore.device.type == "cpu"
+        assert_scores(result.monoscore, expected)
+        torch.testing.assert_close(result.purity, class_purity(latents.reshape(-1, m), labels, num_classes=3),
+                                   atol=0, rtol=0, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- detection
 def test_open_activations_detects_each_format(tmp_path):
     acts, _ = make_data(seed=14)
