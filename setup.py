@@ -6,6 +6,11 @@ isolation (an isolated build would fetch another torch to compile against):
 
     pip install --no-build-isolation .
 
+The versions it was built with (torch, its CUDA, nvcc, the arch list, Python) are written
+to monoloss_kernels/_build_info.json beside the compiled module, for editable installs
+too; `monoloss_kernels.build_info()` reports them, and the load-failure warning compares
+them with the running versions.
+
 Environment switches:
     MONOLOSS_FORCE_CUDA=1    fail the build if the CUDA kernels cannot be built
     MONOLOSS_SKIP_CUDA=1     build the CPU kernels only
@@ -14,7 +19,11 @@ Environment switches:
 """
 
 import glob
+import json
 import os
+import platform
+import re
+import subprocess
 import sys
 
 # torch guesses CUDA_HOME from `which nvcc`; a wrapper script on PATH (as in some
@@ -27,6 +36,8 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+PACKAGE = "monoloss_kernels"
+BUILD_INFO_FILE = "_build_info.json"  # read by monoloss_kernels/_extension.py
 
 
 def _env_flag(name):
@@ -46,8 +57,7 @@ def _want_cuda():
     return available
 
 
-def _extension():
-    with_cuda = _want_cuda()
+def _extension(with_cuda):
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("MONOLOSS_PYTHON_MODULE", None)]
     extra_compile_args = {"cxx": ["-O3"]}  # the C++ standard is torch's default
@@ -73,8 +83,70 @@ def _extension():
     )
 
 
+def _nvcc_version():
+    """The release of the nvcc that compiles the CUDA kernels, e.g. "12.8"."""
+    try:
+        out = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+def _build_info(with_cuda):
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,  # the CUDA of the torch built against (None: a CPU torch)
+        "cuda_kernels": with_cuda,
+        "nvcc": _nvcc_version() if with_cuda else None,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "python": platform.python_version(),
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+class BuildExtensionWithInfo(BuildExtension):
+    """BuildExtension that also writes BUILD_INFO_FILE beside the compiled module: into the
+    build directory (what a wheel installs) and, for in-place and editable builds, into the
+    source package (what is imported)."""
+
+    def _build_info_paths(self):
+        paths = [os.path.join(self.build_lib, PACKAGE, BUILD_INFO_FILE)]
+        if self.inplace:
+            package_dir = self.get_finalized_command("build_py").get_package_dir(PACKAGE)
+            paths.append(os.path.join(package_dir, BUILD_INFO_FILE))
+        return paths
+
+    def run(self):
+        info = _build_info(WITH_CUDA)
+        # setuptools skips an extension whose sources are older than the module in the build
+        # directory, even when torch changed since: rebuild whenever its recorded versions differ.
+        try:
+            with open(self._build_info_paths()[0]) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != info:
+            self.force = True
+        super().run()
+        for path in self._build_info_paths():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(info, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    def get_outputs(self):
+        outputs = super().get_outputs()
+        if not self.inplace:  # in-place builds list the build-directory files they copy
+            outputs.append(os.path.join(self.build_lib, PACKAGE, BUILD_INFO_FILE))
+        return outputs
+
+
+WITH_CUDA = _want_cuda()
+
 setup(
-    packages=find_packages(include=["monoloss_kernels", "monoloss_kernels.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    ext_modules=[_extension(WITH_CUDA)],
+    cmdclass={"build_ext": BuildExtensionWithInfo},
 )

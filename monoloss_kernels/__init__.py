@@ -13,6 +13,7 @@ in fused C++/CUDA and Triton kernels.
 
 from . import _autograd, reference, sae
 from ._dispatch import BACKENDS, available_backends
+from ._extension import ExtensionLoadWarning, build_info
 from .accumulator import MonoScoreAccumulator
 from .dataset_loss import dataset_monoloss_backward
 from .loss import MonoLoss, monoloss
@@ -23,10 +24,12 @@ from .stats import MonoScoreStats, finalize
 __all__ = [
     "BACKENDS",
     "ClassPurityAccumulator",
+    "ExtensionLoadWarning",
     "MonoLoss",
     "MonoScoreAccumulator",
     "MonoScoreStats",
     "available_backends",
+    "build_info",
     "class_purity",
     "dataset_monoloss_backward",
     "finalize",

@@ -1,4 +1,7 @@
-"""The one dispatch point: maps `backend=` to the function that fills `MonoScoreStats`."""
+"""The one dispatch point: maps `backend=` to the function that fills `MonoScoreStats`.
+
+Where the compiled extension did not load (`_extension.EXTENSION_ERROR`), "auto" picks
+Triton for CUDA tensors and torch for CPU tensors, and "cpu"/"cuda" raise that error."""
 
 import os
 from typing import Callable
@@ -86,8 +89,11 @@ def stats_function(backend: str, device: torch.device, sparse: bool = False) -> 
     if _extension.EXTENSION_ERROR is not None:
         raise RuntimeError(_extension.EXTENSION_ERROR)
     if not _extension.has_kernel(backend.upper()):
+        built = _extension.BUILD_INFO
+        how = f" (built with torch {built.get('torch')}, CUDA {built.get('cuda')})" if built else ""
         raise RuntimeError(
-            f"monoloss_kernels was built without {backend.upper()} kernels. Rebuild where nvcc and a "
-            "CUDA build of torch are present: MONOLOSS_FORCE_CUDA=1 pip install --no-build-isolation ."
+            f"monoloss_kernels was built without {backend.upper()} kernels{how}. Rebuild where nvcc and a "
+            "CUDA build of torch are present:\n"
+            f"  {_extension.reinstall_command(force_cuda=True)}"
         )
     return _cpp_csr_stats if sparse else _cpp_stats
