@@ -158,13 +158,6 @@ def test_missing_build_info_is_reported_not_fatal(tmp_path):
 
 
 def test_real_build_reports_this_torch():
-    if torch.cuda.is_available():  # "auto" on CUDA tensors: Triton
-        cuda_scores = mk.monoscore(acts.float().cuda(), emb.float().cuda()).cpu()
-        cuda_error = float((cuda_scores.double() - reference_scores).abs().nan_to_num(0).max())
-        try:
-            mk.monoscore(acts.float().cuda(), emb.float().cuda(), backend="cuda")
-        except Exception as exc:
-            errors["cuda_on_cuda"] = f"{type(exc).__name__}: {exc}"
     info = mk.build_info()
     assert info["extension_loaded"] and info["load_error"] is None
     assert info["build_info_error"] is None, info["build_info_error"]

@@ -213,19 +213,25 @@ WIDTH_MESSAGE = (rf"num_latents={M} but acts has {D} columns \(latents\), as man
                  rf"the SAE's input or its reconstruction \(forward\(\) output\); pass its latents, encode\(x\), of "
                  rf"width {M}")
 SWAP_MESSAGE = r"acts and emb look swapped; the order is \(acts, emb\): latents first, then embeddings"
+ENTRIES = ["monoscore", "monoloss", "accumulator"]
 
 
-@pytest.mark.parametrize("entry", ["monoscore", "monoloss", "accumulator"])
+def call_entry(entry: str, acts, emb: Tensor) -> None:
+    """acts and emb through one public entry, with num_latents=M."""
+    if entry == "monoscore":
+        mk.monoscore(acts, emb, num_latents=M)
+    elif entry == "monoloss":
+        mk.monoloss(acts, emb, num_latents=M)
+    else:
+        mk.MonoScoreAccumulator(num_latents=M, dim=D).update(acts, emb)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_reconstruction_instead_of_latents(entry):
     """delphi PR #131: the SAE's forward() output cached instead of its encode() latents."""
     _, _, _, emb, reconstruction = _misuse_inputs()
     with pytest.raises(ValueError, match=WIDTH_MESSAGE):
-        if entry == "monoscore":
-            mk.monoscore(reconstruction, emb, num_latents=M)
-        elif entry == "monoloss":
-            mk.monoloss(reconstruction, emb, num_latents=M)
-        else:
-            mk.MonoScoreAccumulator(num_latents=M, dim=D).update(reconstruction, emb)
+        call_entry(entry, reconstruction, emb)
 
 
 def test_reconstruction_as_sparse_tensor():
@@ -234,19 +240,14 @@ def test_reconstruction_as_sparse_tensor():
         mk.monoscore(reconstruction.to_sparse_csr(), emb, num_latents=M)
 
 
-@pytest.mark.parametrize("entry", ["monoscore", "monoloss", "accumulator"])
+@pytest.mark.parametrize("entry", ENTRIES)
 def test_dense_arguments_swapped(entry):
     """The MonoLoss repo's compute_monosemanticity_loss_batch(x, latents) order."""
     latents, _, _, emb, _ = _misuse_inputs()
     match = (rf"num_latents={M} but acts has {D} columns \(latents\), while emb has {M} = num_latents columns: "
              + SWAP_MESSAGE)
     with pytest.raises(ValueError, match=match):
-        if entry == "monoscore":
-            mk.monoscore(emb, latents, num_latents=M)
-        elif entry == "monoloss":
-            mk.monoloss(emb, latents, num_latents=M)
-        else:
-            mk.MonoScoreAccumulator(num_latents=M, dim=D).update(emb, latents)
+        call_entry(entry, emb, latents)
 
 
 @pytest.mark.parametrize("form", ["values_indices", "openai", "sparsify_encode", "saelens_coo", "csr", "csr_acts"])
@@ -256,10 +257,9 @@ def test_sparse_latents_passed_as_emb(form):
               else library_form(form, values, indices))
     match = (r"emb must be the dense \(N, d\) embeddings tensor, got .*, which looks like sparse latents, with acts "
              rf"a dense \({N}, {D}\) float32 tensor: " + SWAP_MESSAGE)
-    with pytest.raises(TypeError, match=match):
-        mk.monoscore(emb, sparse, num_latents=M)
-    with pytest.raises(TypeError, match=match):
-        mk.monoloss(emb, sparse, num_latents=M)
+    for entry in ENTRIES:
+        with pytest.raises(TypeError, match=match):
+            call_entry(entry, emb, sparse)
 
 
 @pytest.mark.parametrize(
