@@ -8,6 +8,8 @@ import torch
 from monoloss_kernels import ClassPurityAccumulator, class_purity
 from monoloss_kernels.stats import CsrActs
 
+from .helpers import DEVICES
+
 # Tolerances. Counts are exact integers, so binary purity matches the reference to
 # float32 rounding of the ratio; weighted purity sums in float64 and rounds once.
 RTOL = {"binary": 1e-6, "weighted": 1e-6}
@@ -72,6 +74,15 @@ def to_form(form: str, acts: torch.Tensor, k: int):
     return CsrActs(sparse.crow_indices(), sparse.col_indices(), sparse.values(), acts.shape[1]), dense.double()
 
 
+def to_device(x, device):
+    """An input in any form (tuples, CsrActs, sparse tensors) moved to device."""
+    if isinstance(x, CsrActs):
+        return CsrActs(*(to_device(t, device) for t in x[:3]), x.num_latents)
+    if isinstance(x, tuple):
+        return tuple(to_device(t, device) for t in x)
+    return x.to(device)
+
+
 def snapshot(x):
     """A deep copy of an input in any form (tuples, CsrActs, sparse tensors)."""
     if isinstance(x, tuple):
@@ -91,24 +102,27 @@ def assert_same(a, b):
         assert a == b
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["binary", "weighted"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_brute_force(shape, form, case, weighted):
+def test_matches_brute_force(shape, form, case, weighted, device):
     n, m, c = shape
     gen = torch.Generator().manual_seed(hash((shape, form, case)) % 2**31)
     acts, labels = make_case(case, n, m, c, gen)
     given, dense = to_form(form, acts, k=max(1, m // 3))
-    before, labels_before = snapshot(given), labels.clone()
+    given, labels_on_device = to_device(given, device), labels.to(device)
+    before, labels_before = snapshot(given), labels_on_device.clone()
     num_latents = m if form.startswith("topk") else None
-    got = class_purity(given, labels, num_classes=c, num_latents=num_latents, weighted=weighted)
+    got = class_purity(given, labels_on_device, num_classes=c, num_latents=num_latents, weighted=weighted)
     want, _ = brute_force_purity(dense.numpy(), labels.numpy(), c, weighted)
     kind = "weighted" if weighted else "binary"
-    assert got.dtype == torch.float32 and got.shape == (m,)
-    torch.testing.assert_close(got, torch.from_numpy(want).float(), rtol=RTOL[kind], atol=ATOL[kind], equal_nan=True)
+    assert got.dtype == torch.float32 and got.shape == (m,) and got.device.type == device
+    torch.testing.assert_close(got.cpu(), torch.from_numpy(want).float(), rtol=RTOL[kind], atol=ATOL[kind],
+                               equal_nan=True)
     assert_same(snapshot(given), before)
-    assert torch.equal(labels, labels_before)
+    assert torch.equal(labels_on_device, labels_before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -167,22 +181,23 @@ def test_dominant_classes_match_brute_force(weighted):
     assert torch.equal(acc.dominant_classes(weighted=weighted), torch.from_numpy(want).long())
 
 
-def test_streaming_any_split_any_form_equals_one_shot():
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_any_split_any_form_equals_one_shot(device):
     gen = torch.Generator().manual_seed(8)
     n, m, c, k = 97, 17, 7, 5
     acts, labels = make_case("signed", n, m, c, gen)
     # The one-shot reference: every batch's dense equivalent, concatenated.
     bounds = [0, 13, 14, 50, 50, 81, 97]  # uneven, one single row, one empty batch
     forms = ["dense", "topk_int64", "coo", "csr", "csr_acts", "topk_int32"]
-    acc = ClassPurityAccumulator(m, c)
+    acc = ClassPurityAccumulator(m, c, device=device)
     dense_parts = []
     for form, start, end in zip(forms, bounds[:-1], bounds[1:]):
         given, dense = to_form(form, acts[start:end], k)
-        acc.update(given, labels[start:end])
+        acc.update(to_device(given, device), labels[start:end].to(device))
         dense_parts.append(dense)
     dense_all = torch.cat(dense_parts).float()
     for weighted in (False, True):
-        torch.testing.assert_close(acc.compute(weighted=weighted),
+        torch.testing.assert_close(acc.compute(weighted=weighted).cpu(),
                                    class_purity(dense_all, labels, num_classes=c, weighted=weighted),
                                    equal_nan=True)
     assert acc.num_rows == n
@@ -294,13 +309,17 @@ def test_repeated_latent_in_a_row_refused():
         (lambda: class_purity("acts", torch.zeros(4, dtype=torch.long)), TypeError, "acts must be"),
         (lambda: ClassPurityAccumulator(3, 2).update(torch.rand(4, 5), torch.zeros(4, dtype=torch.long)),
          ValueError, "5 latents but the accumulator was built for 3"),
+        (lambda: ClassPurityAccumulator(3, 2).update(torch.rand(4, 3, device="meta"),
+                                                     torch.zeros(4, dtype=torch.long)), ValueError, "acts is on meta but the accumulator lives on cpu"),
+        (lambda: class_purity(torch.rand(4, 3), torch.zeros(4, dtype=torch.long, device="meta")), ValueError,
+         r"labels must be on the device of acts \(cpu\), got meta"),
         (lambda: ClassPurityAccumulator(3, -1), TypeError, "num_classes must be a non-negative int"),
         (lambda: ClassPurityAccumulator(3.0, 2), TypeError, "num_latents must be a non-negative int"),
         (lambda: ClassPurityAccumulator(3, 2).merge(ClassPurityAccumulator(3, 4)), ValueError, "cannot merge"),
         (lambda: ClassPurityAccumulator(3, 2).merge("other"), TypeError, "ClassPurityAccumulator"),
     ],
     ids=["int_acts", "1d_acts", "num_latents_mismatch", "pair_without_num_latents", "index_out_of_range",
-         "str_acts", "accumulator_width", "bad_num_classes", "bad_num_latents", "merge_sizes", "merge_type"],
+         "str_acts", "accumulator_width", "acts_device", "labels_device", "bad_num_classes", "bad_num_latents", "merge_sizes", "merge_type"],
 )
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
