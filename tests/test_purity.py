@@ -319,7 +319,8 @@ def test_repeated_latent_in_a_row_refused():
         (lambda: ClassPurityAccumulator(3, 2).merge("other"), TypeError, "ClassPurityAccumulator"),
     ],
     ids=["int_acts", "1d_acts", "num_latents_mismatch", "pair_without_num_latents", "index_out_of_range",
-         "str_acts", "accumulator_width", "acts_device", "labels_device", "bad_num_classes", "bad_num_latents", "merge_sizes", "merge_type"],
+         "str_acts", "accumulator_width", "acts_device", "labels_device", "bad_num_classes", "bad_num_latents",
+         "merge_sizes", "merge_type"],
 )
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
