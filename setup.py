@@ -120,8 +120,9 @@ class BuildExtensionWithInfo(BuildExtension):
 
     def run(self):
         info = _build_info(WITH_CUDA)
-        # setuptools skips an extension whose sources are older than the module in the build
-        # directory, even when torch changed since: rebuild whenever its recorded versions differ.
+        # With ninja, BuildExtension always relinks and ninja recompiles what changed (torch's
+        # headers included). Without it, setuptools skips a module newer than its sources even
+        # after a torch upgrade: force the rebuild whenever the recorded versions differ.
         try:
             with open(self._build_info_paths()[0]) as f:
                 recorded = json.load(f)
