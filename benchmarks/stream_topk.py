@@ -19,7 +19,7 @@ import torch
 import monoloss_kernels as mk
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from benchmarks.test_bench_topk import make_topk_batch  # noqa: E402
+from benchmarks.common import make_topk_batch  # noqa: E402
 
 
 def peak_rss_mib() -> float:

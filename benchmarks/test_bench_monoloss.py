@@ -2,7 +2,7 @@
 torch autograd (the peer), its torch.compile version, and the two bare GEMMs every exact
 method pays for (ÊᵀA forward, Ê·G backward); dense and TopK activations.
 
-    pytest benchmarks/test_bench_monoloss.py --benchmark-only
+    pytest benchmarks/test_bench_monoloss.py --benchmark-only [--profile quick|full]
 
 Each method is also measured for what autograd saves for its backward
 (`saved_for_backward_mib`, summed over saved_tensors_hooks), the memory a training step
@@ -16,11 +16,12 @@ import torch.nn.functional as F
 import monoloss_kernels
 from monoloss_kernels.reference import published_monoloss
 
+from .common import DEVICE, OURS_PREFIX, make_embeddings, our_backends
 from .conftest import COMPILED_PEER, GEMM, PEER, device_name
-from .test_bench_monoscore import DEVICE, OURS_PREFIX
 
 NUM_ROWS, NUM_LATENTS, DIM, K = 4096, 8192, 768, 64
-ROUNDS = 5 if DEVICE.type == "cpu" else 20
+# Timed rounds per method; the slowest (the peer, the SAE step) take ~2 s a call on the 2-core CPU.
+ROUNDS = {("quick", "cpu"): 3, ("full", "cpu"): 5, ("quick", "cuda"): 10, ("full", "cuda"): 20}
 # The loss of float32 inputs: ours and the peer agree to float32 rounding.
 LOSS_ATOL = 1e-5
 
@@ -31,8 +32,7 @@ compiled_peer_loss = torch.compile(published_monoloss, dynamic=False)
 def batch():
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     pre_acts = torch.randn(NUM_ROWS, NUM_LATENTS, generator=gen, device=DEVICE)
-    emb = torch.randn(NUM_ROWS, DIM, generator=gen, device=DEVICE)
-    emb += 0.7 * torch.randn(1, DIM, generator=gen, device=DEVICE)
+    emb = make_embeddings(NUM_ROWS, DIM, gen, DEVICE)
     top = torch.topk(pre_acts, K, dim=1)
     return {
         "dense": torch.relu(pre_acts).requires_grad_(),
@@ -42,9 +42,13 @@ def batch():
     }
 
 
+@pytest.fixture(scope="module")
+def rounds(profile) -> int:
+    return ROUNDS[(profile, DEVICE.type)]
+
+
 def methods():
-    ours = [b for b in monoloss_kernels.available_backends(DEVICE) if not (DEVICE.type == "cpu" and b == "triton")]
-    return [OURS_PREFIX + b for b in ours] + [PEER, COMPILED_PEER, GEMM]
+    return [OURS_PREFIX + b for b in our_backends(DEVICE)] + [PEER, COMPILED_PEER, GEMM]
 
 
 def loss_fn(method, form, batch):
@@ -84,7 +88,7 @@ def saved_for_backward_mib(loss) -> float:
 
 @pytest.mark.parametrize("form", ["dense", "topk"])
 @pytest.mark.parametrize("method", methods())
-def test_monoloss_speed(batch, form, method, measure):
+def test_monoloss_speed(batch, form, method, measure, rounds):
     leaf = batch["dense"] if form == "dense" else batch["values"]
     group = (f"monoloss-{form}-B{NUM_ROWS}-M{NUM_LATENTS}" + (f"-k{K}" if form == "topk" else "")
              + f"-d{DIM}-float32-fwd+bwd")
@@ -112,7 +116,7 @@ def test_monoloss_speed(batch, form, method, measure):
             extra_info["max_abs_error"] = abs(value - reference.item())
             assert extra_info["max_abs_error"] <= LOSS_ATOL or method in (PEER, COMPILED_PEER)
         extra_info["saved_for_backward_mib"] = saved_for_backward_mib(loss)
-    measure(step, device=DEVICE, group=group, method=method, rounds=ROUNDS,
+    measure(step, device=DEVICE, group=group, method=method, rounds=rounds,
             gemm_flops=4 * NUM_ROWS * NUM_LATENTS * DIM, extra_info=extra_info)
 
 
@@ -121,7 +125,7 @@ SAE_MONO_COEF = 3e-4
 
 
 @pytest.mark.parametrize("mono_coef", [0.0, SAE_MONO_COEF], ids=["without-monoloss", "with-monoloss"])
-def test_batchtopk_sae_step(batch, mono_coef, measure):
+def test_batchtopk_sae_step(batch, mono_coef, measure, rounds):
     """One BatchTopK SAE training step (B=4096, d=768, M=8192, k=64): forward, backward
     and an Adam update, with and without the MonoLoss term (the paper's coefficient).
     The overhead is the ratio of the two medians (reported in the table as / GEMM is
@@ -141,5 +145,5 @@ def test_batchtopk_sae_step(batch, mono_coef, measure):
 
     method = "sae-step-with-monoloss" if mono_coef else "sae-step"
     measure(step, device=DEVICE, group=f"batchtopk-sae-step-B{NUM_ROWS}-M{NUM_LATENTS}-k{SAE_K}-d{DIM}",
-            method=method, rounds=ROUNDS, gemm_flops=6 * NUM_ROWS * NUM_LATENTS * DIM,
+            method=method, rounds=rounds, gemm_flops=6 * NUM_ROWS * NUM_LATENTS * DIM,
             extra_info={"mono_coef": mono_coef, "device": device_name(DEVICE)})

@@ -1,9 +1,10 @@
-"""TopK-sparse MonoScore: our kernels on the (values, indices) pair an SAE hands over,
-against the published algorithm (the peer) on the densified matrix, its compiled
-version, the bare dense GEMM, and (on the GPU) the O(N²) pairwise definition; plus a
-streaming run over N = 2^22 rows that never holds more than one batch.
+"""TopK-sparse MonoScore at the issue's target shape: our kernels on the (values,
+indices) pair an SAE hands over, against the published algorithm (the peer) on the
+densified matrix, its compiled version, the bare dense GEMM, and (on the GPU) the O(N²)
+pairwise definition; plus a streaming run over N = 2^22 rows that never holds more than
+one batch. (TopK against N is in test_bench_scaling.py.)
 
-    pytest benchmarks/test_bench_topk.py --benchmark-only
+    pytest benchmarks/test_bench_topk.py --benchmark-only [--profile quick|full]
 
 The speedup table and summary.json come from conftest.py, as for the dense cases.
 """
@@ -22,13 +23,13 @@ import torch.nn.functional as F
 import monoloss_kernels
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore, published_monoscore
 
-from .conftest import COMPILED_PEER, GEMM, PEER, RESULTS_DIR, device_name
-from .test_bench_monoscore import DEVICE, OURS_PREFIX, PAIRWISE, TOLERANCE, compiled_peer
+from .common import DEVICE, OURS_PREFIX, PAIRWISE, SEED, check_scores, make_topk_batch, our_backends
+from .conftest import COMPILED_PEER, GEMM, PEER, bench_profile, device_name, results_dir
+from .test_bench_monoscore import compiled_peer
 
 # Latents whose scores are checked against the float64 closed form: the dense float64
 # copies a full check needs (N x M x 8 bytes, several times) do not fit a 24 GB machine.
 CHECKED_LATENTS = 512
-SEED = 0
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,9 @@ class TopKCase:
     num_latents: int  # M
     k: int  # latents kept per sample
     dim: int  # d
-    rounds: int
-    peer_rounds: int
+    rounds: int  # ours
+    gemm_rounds: int
+    peer_rounds: int  # peer, compiled peer, pairwise; 1: timed once, cold, that call checked
     pairwise: bool  # time the O(N²) definition too (GPU only: hours on 2 CPU cores)
 
     @property
@@ -50,26 +52,18 @@ class TopKCase:
         return 2 * self.num_rows * self.num_latents * self.dim
 
 
-CPU_CASE = TopKCase(32768, 16384, 32, 512, rounds=5, peer_rounds=1, pairwise=False)
-CUDA_CASE = TopKCase(65536, 8192, 64, 768, rounds=20, peer_rounds=5, pairwise=True)
-CASE = CUDA_CASE if DEVICE.type == "cuda" else CPU_CASE
-
-
-def make_topk_batch(num_rows, num_latents, k, dim, gen, device):
-    """TopK activations with distinct latents per row and ReLU-like values, and CLIP-like
-    embeddings. Indices are start + j·step mod M with an odd step and M a power of two,
-    so a row's k latents are distinct without an O(M) draw per row."""
-    start = torch.randint(0, num_latents, (num_rows, 1), generator=gen, device=device)
-    step = 2 * torch.randint(0, num_latents // 2, (num_rows, 1), generator=gen, device=device) + 1
-    indices = (start + torch.arange(k, device=device) * step) % num_latents
-    values = torch.rand(num_rows, k, generator=gen, device=device)
-    emb = torch.randn(num_rows, dim, generator=gen, device=device)
-    emb += 0.7 * torch.randn(1, dim, generator=gen, device=device)
-    return values, indices, emb
+# The peer takes 20-45 s per call on the 2-core CPU: quick times it once.
+CASES = {
+    ("quick", "cpu"): TopKCase(32768, 16384, 32, 512, rounds=5, gemm_rounds=3, peer_rounds=1, pairwise=False),
+    ("full", "cpu"): TopKCase(32768, 16384, 32, 512, rounds=10, gemm_rounds=5, peer_rounds=3, pairwise=False),
+    ("quick", "cuda"): TopKCase(65536, 8192, 64, 768, rounds=10, gemm_rounds=10, peer_rounds=3, pairwise=True),
+    ("full", "cuda"): TopKCase(65536, 8192, 64, 768, rounds=20, gemm_rounds=20, peer_rounds=5, pairwise=True),
+}
 
 
 @dataclass
 class TopKInputs:
+    case: TopKCase
     values: torch.Tensor
     indices: torch.Tensor
     emb: torch.Tensor
@@ -80,30 +74,36 @@ class TopKInputs:
 
 
 @pytest.fixture(scope="module")
-def topk_inputs() -> TopKInputs:
-    assert CASE.num_latents & (CASE.num_latents - 1) == 0, "make_topk_batch needs M a power of two"
+def topk_inputs(request) -> TopKInputs:
+    case = CASES[(bench_profile(request.config), DEVICE.type)]
     gen = torch.Generator(device=DEVICE).manual_seed(SEED)
-    values, indices, emb = make_topk_batch(CASE.num_rows, CASE.num_latents, CASE.k, CASE.dim, gen, DEVICE)
-    dense = torch.zeros(CASE.num_rows, CASE.num_latents, device=DEVICE).scatter_(1, indices, values)
-    checked = torch.randperm(CASE.num_latents, generator=torch.Generator().manual_seed(SEED))[:CHECKED_LATENTS]
+    values, indices, emb = make_topk_batch(case.num_rows, case.num_latents, case.k, case.dim, gen, DEVICE)
+    dense = torch.zeros(case.num_rows, case.num_latents, device=DEVICE).scatter_(1, indices, values)
+    checked = torch.randperm(case.num_latents, generator=torch.Generator().manual_seed(SEED))[:CHECKED_LATENTS]
     checked = checked.to(DEVICE)
     reference = closed_form_monoscore(dense[:, checked], emb)
-    return TopKInputs(values, indices, emb, dense, checked, reference, "closed_form")
+    return TopKInputs(case, values, indices, emb, dense, checked, reference, f"closed_form on {CHECKED_LATENTS} latents")
 
 
-def methods() -> list[str]:
-    ours = [b for b in monoloss_kernels.available_backends(DEVICE) if not (DEVICE.type == "cpu" and b == "triton")]
+def methods(case: TopKCase) -> list[str]:
+    ours = our_backends(DEVICE)
     if DEVICE.type == "cpu":
         ours = [b for b in ours if b != "torch"]  # the readable float64 reference path: minutes here
     names = [OURS_PREFIX + b for b in ours] + [PEER, COMPILED_PEER, GEMM]
-    return names + ([PAIRWISE] if CASE.pairwise else [])
+    return names + ([PAIRWISE] if case.pairwise else [])
+
+
+def pytest_generate_tests(metafunc):
+    if "topk_method" in metafunc.fixturenames:
+        metafunc.parametrize("topk_method", methods(CASES[(bench_profile(metafunc.config), DEVICE.type)]))
 
 
 def method_callable(method: str, inputs: TopKInputs):
+    num_latents = inputs.case.num_latents
     if method.startswith(OURS_PREFIX):
         backend = method.removeprefix(OURS_PREFIX)
         pair = (inputs.values, inputs.indices)
-        return lambda: monoloss_kernels.monoscore(pair, inputs.emb, num_latents=CASE.num_latents, backend=backend)
+        return lambda: monoloss_kernels.monoscore(pair, inputs.emb, num_latents=num_latents, backend=backend)
     if method == PEER:
         return lambda: published_monoscore(inputs.dense, inputs.emb)
     if method == COMPILED_PEER:
@@ -116,30 +116,48 @@ def method_callable(method: str, inputs: TopKInputs):
     raise ValueError(method)
 
 
-@pytest.mark.parametrize("method", methods())
-def test_topk_speed(topk_inputs, method, measure):
-    run = method_callable(method, topk_inputs)
+def test_topk_speed(topk_inputs, topk_method, measure):
+    method, case = topk_method, topk_inputs.case
+    fn = method_callable(method, topk_inputs)
     extra_info = {
-        "shape": {"N": CASE.num_rows, "M": CASE.num_latents, "k": CASE.k, "d": CASE.dim},
+        "shape": {"N": case.num_rows, "M": case.num_latents, "k": case.k, "d": case.dim},
         "dtype": "float32",
         "device": device_name(DEVICE),
-        "reference": f"{topk_inputs.reference_method} on {CHECKED_LATENTS} latents",
+        "reference": topk_inputs.reference_method,
     }
-    if method != GEMM:  # untimed check (and warm-up / compile)
-        scores = run()[topk_inputs.checked].double()
-        error = (scores - topk_inputs.reference).abs().nan_to_num(nan=0.0).max().item()
-        extra_info["max_abs_error"] = error
-        assert error <= TOLERANCE[torch.float32] or method in (PEER, COMPILED_PEER), f"{method}: error {error:.1e}"
-    slow = method in (PEER, COMPILED_PEER, PAIRWISE)
-    measure(run, device=DEVICE, group=CASE.group, method=method,
-            rounds=CASE.peer_rounds if slow else CASE.rounds, gemm_flops=CASE.gemm_flops, extra_info=extra_info)
+    last_scores = {}
+
+    def run():
+        last_scores["scores"] = fn()
+
+    def check() -> dict:
+        if method == GEMM:  # no scores
+            return {}
+        scores = last_scores.pop("scores")[topk_inputs.checked]
+        return {"max_abs_error": check_scores(method, scores, topk_inputs.reference, torch.float32,
+                                              label=case.group, reference_method=topk_inputs.reference_method,
+                                              hold_baselines=False)}
+
+    if method.startswith(OURS_PREFIX):
+        rounds = case.rounds
+    else:
+        rounds = case.gemm_rounds if method == GEMM else case.peer_rounds
+    # A method timed once is timed cold and its timed call checked; otherwise an untimed
+    # checked call warms it up (the compiled peer's is its compilation, so it gets one more).
+    single_shot = rounds == 1 and method != COMPILED_PEER
+    if not single_shot:
+        run()
+        extra_info.update(check())
+    measure(run, device=DEVICE, group=case.group, method=method, rounds=rounds,
+            warmup_rounds=1 if method == COMPILED_PEER else 0, gemm_flops=case.gemm_flops, extra_info=extra_info,
+            check_after=check if single_shot else None)
 
 
 STREAM_SCRIPT = Path(__file__).with_name("stream_topk.py")
 STREAM_PEAK_LIMIT_MIB = 2048
 
 
-def test_streaming_topk(benchmark):
+def test_streaming_topk(benchmark, request):
     """N = 2^22 rows (M = 16384, k = 64, d = 768) generated batch by batch into a
     MonoScoreAccumulator, in a fresh process so that its peak memory is its own."""
     if DEVICE.type != "cpu":
@@ -154,7 +172,7 @@ def test_streaming_topk(benchmark):
     benchmark.group = "stream-topk-N4194304-M16384-k64-d768"
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(report)
-    out_dir = RESULTS_DIR / device_name(DEVICE)
+    out_dir = results_dir(request.config) / device_name(DEVICE)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stream_topk.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nstreaming: {report}")
