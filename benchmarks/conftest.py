@@ -444,8 +444,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             except ImportError as error:  # matplotlib is an optional [bench] extra
                 write(f"no scaling plots: {error} (pip install matplotlib)")
             else:
-                for path in plot_scaling(summary["scaling"], out_dir, device_label(info)):
-                    write(f"plot written to {path}")
+                try:
+                    paths = plot_scaling(summary["scaling"], out_dir, device_label(info))
+                except Exception as error:  # the tables and summary.json are out already: keep the report
+                    write(f"scaling plots failed: {type(error).__name__}: {error}")
+                else:
+                    for path in paths:
+                        write(f"plot written to {path}")
 
 
 def device_label(info: dict) -> str:

@@ -116,6 +116,8 @@ def plot_scaling(scaling: dict, out_dir: Path, device_label: str) -> list[Path]:
 
     figures = {}
     for s in scaling.values():
+        if not any(p["status"] == "measured" for points in s["methods"].values() for p in points.values()):
+            continue  # nothing ran in this series (memory, time budget): its skips are in the report
         key = (s["num_latents"], s["dim"], s["dtype"])
         figures.setdefault(key, []).append(s)
     paths = []

@@ -22,7 +22,7 @@ What each profile runs is `PLANS` below. A method is not run at a point when
 
 Timing: each method's first call at a point is untimed; its scores are checked against
 the float64 reference there (pairwise definition where affordable, else the closed form,
-on up to 1024 latents), then it is timed for a number of rounds that fits the budget
+on 1024 random latents, 256 above N = 2^16), then it is timed for a number of rounds that fits the budget
 (medians; CUDA synchronised inside the timed call). Calls too slow to repeat (the O(N²)
 methods, and any call estimated above `single_shot_s`) are timed once, cold, and that
 timed call's own result is checked. Inputs are fresh random values for every point.
@@ -99,7 +99,8 @@ class Plan:
 FP32, BF16 = torch.float32, torch.bfloat16
 
 # quick: sized so that the whole `pytest benchmarks/ --benchmark-only` finishes in about
-# 10 minutes on the 2-core CPU machine (the O(N²) loop alone takes ~10 s at N=1024 there).
+# 10 minutes on the 2-core CPU machine (measured 7.5 min; there the O(N²) loop takes ~4 s
+# at N=1024 and ~16 s at 2048, the blocked products ~18 s at 16384).
 # full: the issue's sweep, for GPUs; the budgets keep it within a ~10-minute GPU run.
 PLANS = {
     ("quick", "cpu"): Plan(
@@ -108,7 +109,7 @@ PLANS = {
             (series_of(CLIP_VIT_B, FP32, "topk"), powers_of_two(10, 14)),
             (series_of(CLIP_VIT_B, BF16, "dense"), (2**12,)),
         ),
-        quadratic_budget_s=10.0, linear_budget_s=20.0, single_shot_s=3.0,
+        quadratic_budget_s=20.0, linear_budget_s=20.0, single_shot_s=3.0,
         round_target_s=1.0, min_rounds=3, max_rounds=10, deadline_s=300.0,
     ),
     ("full", "cpu"): Plan(
@@ -135,8 +136,17 @@ PLANS = {
 }
 
 QUADRATIC = (PAIRWISE_LOOP, PAIRWISE_BLOCKED)
-# Latents whose scores are checked per point: the reference reads them in float64.
+# Latents whose scores are checked per point: the reference reads them in float64, so
+# above 2^16 rows fewer of them, to keep its (N, latents) float64 copies small next to
+# the inputs (at N = 2^20, 256 latents are 2 GiB a copy).
 CHECKED_LATENTS = 1024
+CHECKED_LATENTS_LARGE_N = 256
+LARGE_N = 2**16
+
+
+def checked_latent_count(series, num_rows: int) -> int:
+    return min(series.num_latents, CHECKED_LATENTS if num_rows <= LARGE_N else CHECKED_LATENTS_LARGE_N)
+
 # Up to here the reference is the float64 pairwise definition (an N×N float64 matrix and
 # O(N²·1024) work); above, the float64 closed form (tested equal to it).
 PAIRWISE_REFERENCE_MAX_ROWS = 16384 if DEVICE.type == "cuda" else 4096
@@ -174,23 +184,39 @@ def pytest_generate_tests(metafunc):
 
 @dataclass
 class SweepState:
-    """Across the sweep's tests: when it started, and each (series, method)'s last time
-    (measured, or estimated where skipped), from which the next N is estimated."""
+    """Across the sweep's tests: when it started, and each method's last time per series
+    (measured, or estimated where skipped) and per form (measured), from which its time
+    at the next point is estimated."""
 
     started: float | None = None
     last: dict = field(default_factory=dict)  # (series key, method) -> (N, seconds)
+    last_measured: dict = field(default_factory=dict)  # (form, method) -> (Series, N, seconds)
 
     def elapsed(self) -> float:
         if self.started is None:
             self.started = time.perf_counter()
         return time.perf_counter() - self.started
 
-    def estimate(self, series: Series, method: str, num_rows: int) -> tuple[float, int] | None:
-        """(estimated seconds of one call at `num_rows`, the N it is estimated from)."""
-        if (series.key, method) not in self.last:
-            return None
-        prev_rows, prev_s = self.last[(series.key, method)]
-        return prev_s * (num_rows / prev_rows) ** growth(method), prev_rows
+    def record(self, series: "Series", method: str, num_rows: int, seconds: float, *, measured: bool) -> None:
+        self.last[(series.key, method)] = (num_rows, seconds)
+        if measured:
+            self.last_measured[(series.form, method)] = (series, num_rows, seconds)
+
+    def estimate(self, series: "Series", method: str, num_rows: int) -> tuple[float, str] | None:
+        """(estimated seconds of one call at `num_rows`, what it is estimated from): the
+        method's last time in this series scaled by N^growth; at a series' first point, its
+        last measured time in another series of the same form, scaled by N^growth and by
+        the matrix sizes (M for the O(N²) methods, M·d for the others)."""
+        if (series.key, method) in self.last:
+            prev_rows, prev_s = self.last[(series.key, method)]
+            return prev_s * (num_rows / prev_rows) ** growth(method), f"N={prev_rows}"
+        if (series.form, method) in self.last_measured:
+            other, prev_rows, prev_s = self.last_measured[(series.form, method)]
+            size = series.num_latents / other.num_latents
+            if method not in QUADRATIC:
+                size *= series.dim / other.dim
+            return prev_s * (num_rows / prev_rows) ** growth(method) * size, f"{other.key} at N={prev_rows}"
+        return None
 
 
 STATE = SweepState()
@@ -311,17 +337,18 @@ class ScalingPoint:
 
 
 def input_bytes(series: Series, num_rows: int) -> int:
-    """The inputs plus the float64 reference's temporaries."""
+    """The inputs plus the float64 reference's temporaries: float64 copies of the checked
+    columns (4: the copy, the scaled copy, products) and of the embeddings (2: the copy,
+    the unit rows), and for the pairwise definition its N×N cosines and a block."""
     s = series
-    checked = min(CHECKED_LATENTS, s.num_latents)
     if s.form == "dense":
         inputs = num_rows * s.num_latents * s.element_bytes
     else:
         inputs = num_rows * s.k * (s.element_bytes + 8)
     inputs += num_rows * s.dim * s.element_bytes
-    reference = 4 * num_rows * (checked + s.dim) * 8
+    reference = (4 * checked_latent_count(s, num_rows) + 2 * s.dim) * num_rows * 8
     if num_rows <= PAIRWISE_REFERENCE_MAX_ROWS:
-        reference += 2 * num_rows * num_rows * 8
+        reference += (num_rows + 2048) * num_rows * 8
     return inputs + reference
 
 
@@ -351,7 +378,8 @@ def scaling_point(request) -> ScalingPoint:
         values, point.indices, emb = make_topk_batch(num_rows, series.num_latents, series.k, series.dim, gen, DEVICE)
         point.values, point.emb = values.to(series.dtype), emb.to(series.dtype)
     perm_gen = torch.Generator().manual_seed(seed)
-    point.checked = torch.randperm(series.num_latents, generator=perm_gen)[:CHECKED_LATENTS].sort().values.to(DEVICE)
+    checked = torch.randperm(series.num_latents, generator=perm_gen)[:checked_latent_count(series, num_rows)]
+    point.checked = checked.sort().values.to(DEVICE)
     # The references read the inputs in float64, so they score exactly the values timed.
     columns = point.checked_columns()
     if num_rows <= PAIRWISE_REFERENCE_MAX_ROWS:
@@ -384,10 +412,10 @@ def test_scaling(scaling_point, method, measure, skip_point, request):
     estimated = STATE.estimate(series, method, point.num_rows)
     budget = plan.quadratic_budget_s if method in QUADRATIC else plan.linear_budget_s
     if estimated is not None and estimated[0] > budget:
-        estimate_s, from_rows = estimated
-        STATE.last[(series.key, method)] = (point.num_rows, estimate_s)  # the next N extrapolates from here
+        estimate_s, basis = estimated
+        STATE.record(series, method, point.num_rows, estimate_s, measured=False)  # the next N extrapolates from here
         skip_point(**where, estimate_s=estimate_s, extrapolate=True,
-                   reason=f"one call estimated at {estimate_s:.3g} s (from N={from_rows}, cost ~N^{growth(method)}), "
+                   reason=f"one call estimated at {estimate_s:.3g} s (from {basis}, cost ~N^{growth(method)}), "
                    f"over the {budget:g} s budget")
     need, free = point.method_bytes(method), free_bytes()
     if need > MEMORY_SHARE * free:
@@ -440,4 +468,4 @@ def test_scaling(scaling_point, method, measure, skip_point, request):
         torch.cuda.empty_cache()
         skip_point(**where, reason="out of memory")
     if median_s is not None:
-        STATE.last[(series.key, method)] = (point.num_rows, median_s)
+        STATE.record(series, method, point.num_rows, median_s, measured=True)

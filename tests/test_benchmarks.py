@@ -135,12 +135,21 @@ def test_sweep_estimates_follow_each_methods_growth():
     from benchmarks.test_bench_scaling import PAIRWISE_LOOP, SweepState, series_of
 
     series = series_of((64, 8), torch.float32, "dense")
+    wide_bf16 = series_of((256, 16), torch.bfloat16, "dense")
+    topk = series_of((64, 8), torch.float32, "topk")
     state = SweepState()
     assert state.estimate(series, PAIRWISE_LOOP, 2048) is None  # nothing measured yet: run it
-    state.last[(series.key, PAIRWISE_LOOP)] = (1024, 3.0)
-    state.last[(series.key, "peer")] = (1024, 0.5)
-    assert state.estimate(series, PAIRWISE_LOOP, 4096) == (pytest.approx(3.0 * 4**2), 1024)
-    assert state.estimate(series, "peer", 4096) == (pytest.approx(0.5 * 4), 1024)
+    state.record(series, PAIRWISE_LOOP, 1024, 3.0, measured=True)
+    state.record(series, "peer", 1024, 0.5, measured=True)
+    assert state.estimate(series, PAIRWISE_LOOP, 4096) == (pytest.approx(3.0 * 4**2), "N=1024")
+    assert state.estimate(series, "peer", 4096) == (pytest.approx(0.5 * 4), "N=1024")
+    # A skipped point's estimate is where the next N extrapolates from.
+    state.record(series, PAIRWISE_LOOP, 4096, 48.0, measured=False)
+    assert state.estimate(series, PAIRWISE_LOOP, 8192)[0] == pytest.approx(48.0 * 4)
+    # A series' first point: from the same form's last measured time, scaled by the sizes.
+    assert state.estimate(wide_bf16, PAIRWISE_LOOP, 2048)[0] == pytest.approx(3.0 * 4 * 4)
+    assert state.estimate(wide_bf16, "peer", 2048)[0] == pytest.approx(0.5 * 2 * 4 * 2)
+    assert state.estimate(topk, "peer", 2048) is None  # not from another form
 
 
 def test_plot_scaling_writes_one_png_per_setting(tmp_path):
@@ -160,3 +169,12 @@ def test_plot_scaling_writes_one_png_per_setting(tmp_path):
 
     assert [p.name for p in paths] == ["scaling-M64-d8-float32.png"]  # dense and TopK: two panels of one figure
     assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_scaling_leaves_out_series_where_nothing_ran(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.plot_scaling import plot_scaling
+
+    _, skips = fake_sweep({}, [("peer", 1024, None), ("ours-cpu", 1024, None)])
+    assert plot_scaling(bench.scaling_summary([], skips), tmp_path, "test device") == []
+    assert list(tmp_path.iterdir()) == []
