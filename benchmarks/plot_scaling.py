@@ -123,19 +123,19 @@ def plot_scaling(scaling: dict, out_dir: Path, device_label: str) -> list[Path]:
     paths = []
     for (num_latents, dim, dtype), panels in figures.items():
         panels.sort(key=lambda s: s["form"] != "dense")  # dense left, TopK right
-        fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(max(11.0, 7.5 * len(panels)), 6.5), squeeze=False)
         legend = {}  # one legend for the figure: label -> handle, in first-drawn order
         for ax, s in zip(axes[0], panels):
             draw_series(ax, s)
             for handle, label in zip(*ax.get_legend_handles_labels()):
                 legend.setdefault(label, handle)
         fig.suptitle(f"MonoScore time vs N on {device_label}\n"
-                     f"boxes: speedup of our default backend over the published algorithm (peer) and over the "
-                     f"pairwise loop (~: over its extrapolated time)", fontsize=10)
-        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=min(4, len(legend)), fontsize=8,
-                   frameon=False)
-        rows = math.ceil(len(legend) / min(4, len(legend)))
-        fig.tight_layout(rect=(0, 0.035 * rows + 0.01, 1, 1))
+                     "boxes: speedup of our default backend over the published algorithm (peer) and over the\n"
+                     "pairwise loop (~: over its extrapolated time); hollow markers, dashed: extrapolated", fontsize=10)
+        columns = min(3 if len(panels) == 1 else 4, len(legend))
+        fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+        rows = math.ceil(len(legend) / columns)
+        fig.tight_layout(rect=(0, 0.032 * rows + 0.01, 1, 1))
         path = Path(out_dir) / f"scaling-M{num_latents}-d{dim}-{dtype}.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
