@@ -22,7 +22,8 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     so the backward costs O(N·k·d). emb is a constant unless `differentiable_emb`.
 
     Args:
-        acts, emb, num_latents, backend: as for `monoscore` (dense, a TopK pair, COO or CSR).
+        acts, emb, num_latents, backend: as for `monoscore` (dense, a TopK pair, COO, CSR, or an SAE
+            library's output as it comes).
         reduction: "mean" (the loss, a scalar float32) or "none" (the (M,) MonoScores
             themselves, NaN where undefined, with gradient where defined).
         differentiable_emb: also differentiate with respect to emb.

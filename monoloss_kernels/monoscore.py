@@ -28,7 +28,11 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
               namedtuple or a plain tuple), with `num_latents=M`; the indices of
               a row must be distinct;
             - a 2-D torch sparse COO tensor (repeated coordinates add up) or CSR
-              tensor (the latents of a row must be distinct).
+              tensor (the latents of a row must be distinct);
+            - the outputs of the SAE libraries (sparsify's EncoderOutput, openai's
+              (indices, values) order, dictionary_learning's return_topk tuple):
+              the full list is in `monoloss_kernels._validate`'s docstring.
+              Indices may have any integer dtype.
         emb: (N, d) embeddings of the same N samples (e.g. CLIP image features),
             same device; need not be normalised.
         num_latents: M. Required with a (values, indices) pair; otherwise
