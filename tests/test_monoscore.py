@@ -179,3 +179,21 @@ def test_invariances(seed, n, m, scale_exp, offset, latent):
         permuted = mk.monoscore(acts[perm].to(device), emb[perm].to(device), backend=backend).cpu()
         torch.testing.assert_close(scaled, base, atol=2e-5, rtol=0, equal_nan=True)
         torch.testing.assert_close(permuted, base, atol=2e-5, rtol=0, equal_nan=True)
+
+
+def test_finalize_leaves_the_statistics_unchanged_unless_asked():
+    """finalize is public and the accumulator calls it on its running sums: by default it
+    must not write into them; overwrite_cross (monoscore's own statistics) gives the same scores."""
+    from monoloss_kernels.stats import MonoScoreStats, finalize
+
+    gen = torch.Generator().manual_seed(83)
+    acts = make_acts("mixed_offset", 131, 37, gen).float()
+    emb = make_emb("zero_dup", 131, 11, gen).float()
+    stats = MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_torch(acts, emb))
+    before = [t.clone() for t in stats]
+    scores = finalize(stats)
+    for got, want in zip(stats, before):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(scores.double(), pairwise_monoscore(acts, emb), atol=ATOL[torch.float32], rtol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(finalize(stats, overwrite_cross=True), scores, atol=0, rtol=0, equal_nan=True)
