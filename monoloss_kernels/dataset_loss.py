@@ -125,6 +125,8 @@ def dataset_monoloss_backward(
             its own samples. The full gradient is the SUM over ranks: DDP averages
             gradients, so pass scale=coef * world_size there (or all-reduce
             `.grad` with SUM yourself after calling the model's unwrapped module).
+            Collective: every rank must call it, with a loader that yields at least
+            one batch (an empty one will do).
         progress: show progress bars (default: when stderr is a terminal).
 
     Returns:
@@ -168,7 +170,7 @@ def dataset_monoloss_backward(
     if not bool(defined.any()):
         return 1.0
     loss = 1 - torch.where(defined, scores, 0.0).sum() / defined.sum()
-    grads = dict(zip(leaves, (scale * g for g in torch.autograd.grad(loss, list(leaves.values()), allow_unused=True))))
+    grads = dict(zip(leaves, (scale * g for g in torch.autograd.grad(loss, list(leaves.values())))))
     assert grads["act_range"][1].count_nonzero() == 0, "the score depends on the max: count its ties too"
     global_min = extremes.extremes[0]
     # Each entry at latent k's global minimum gets grad_min[k] / (its ties over the dataset).
