@@ -28,11 +28,10 @@ import torch
 from torch import Tensor
 
 from . import _autograd
-from ._dispatch import stats_function
 from ._progress import progress_bar
-from ._validate import check_stats_finite, validate_acts
+from ._validate import validate_acts
 from .accumulator import MonoScoreAccumulator
-from .loss import _ties
+from .loss import _local_stats, _ties
 from .stats import CsrActs, finalize
 
 
@@ -145,8 +144,7 @@ def dataset_monoloss_backward(
                 accumulator = MonoScoreAccumulator(num_latents, emb.shape[1], device=emb.device, backend=backend)
             if num_rows == 0:
                 continue
-            stats = stats_function(backend, emb.device, isinstance(acts, CsrActs))(acts, emb)
-            check_stats_finite(stats, emb)
+            stats = _local_stats(acts, emb, backend, isinstance(acts, CsrActs), num_rows)
             accumulator._add(stats, num_rows)
             extremes.update(acts, stats.act_range, num_rows)
     if accumulator is None:
