@@ -128,7 +128,7 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
             g = grad_moments.float()[:, cols]  # (4, nnz)
             grad += g[0] + 2 * b * g[1] + (inv_norm[rows] == 0) * (g[2] + 2 * b * g[3])
         if grad_range is not None:
-            stored = torch.zeros(num_latents, device=emb.device).index_add_(0, cols, torch.ones_like(b))
+            stored = torch.zeros(num_latents, device=emb.device, dtype=b.dtype).index_add_(0, cols, torch.ones_like(b))
             implicit_zeros = num_rows - stored
             for reduce, g in zip(("amin", "amax"), grad_range.float()):  # exact in values' dtype
                 fill = float("inf") if reduce == "amin" else float("-inf")
@@ -137,7 +137,7 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
                 bound = torch.minimum if reduce == "amin" else torch.maximum
                 extreme = torch.where(implicit_zeros > 0, bound(extreme, torch.zeros_like(extreme)), extreme)
                 is_extreme = values == extreme[cols]
-                num_ties = torch.zeros_like(stored).index_add_(0, cols, is_extreme.float())
+                num_ties = torch.zeros_like(stored).index_add_(0, cols, is_extreme.to(stored.dtype))
                 num_ties += torch.where(extreme == 0, implicit_zeros, 0)
                 grad += _tie_share(is_extreme, g[cols], num_ties[cols])
         grad_values = grad.to(values.dtype)

@@ -59,4 +59,4 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
         return torch.full((num_latents,), float("nan"), device=emb.device, dtype=torch.float32)
     stats = stats_function(backend, emb.device, sparse)(acts, emb)
     check_stats_finite(stats, emb)
-    return finalize(stats, overwrite_cross=not stats.cross.requires_grad)  # the kernels' own output
+    return finalize(stats)

@@ -34,17 +34,11 @@
 namespace monoloss_kernels {
 namespace {
 
-// Rows per block: a block of one tile is 1 MiB, half of a core's 2 MiB L2 on
-// the Xeon this was tuned on, leaving room for the stream of entries that
-// reads it (a whole 2 MiB tile did not stay in L2 next to that stream).
-constexpr int64_t kBlockRows = 16384;
 // Entries summed in float32 before joining the float64 total: keeps the
 // float32 rounding of a partial sum near 2^-24·sqrt(64).
 constexpr int64_t kEntriesPerPartial = 64;
-// Rows per task when building the tiles; rows summed in float32 before their
-// float64 total (as the dense kernel's chunks).
+// Rows per task when building the tiles.
 constexpr int64_t kRowGrain = 256;
-constexpr int64_t kRowsPerPartial = 64;
 
 // cross_t[j, t0:t0+width) for the latents [j0, j1), reading one tile of the
 // unit embeddings (N x kTileWidth).
@@ -74,40 +68,6 @@ void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t*
     float* out_row = out + j * out_stride;
     for (int64_t i = 0; i < width; ++i) {
       out_row[i] = (accumulate ? out_row[i] : 0.0f) + static_cast<float>(total[i]);
-    }
-  }
-}
-
-// Unit embedding rows [n0, n1) into the tiles (num_tiles, tile_rows, kTileWidth)
-// of the block starting at row_base, zero-padded past d; adds their column sums
-// into unit_sum (d, float64).
-MONOLOSS_VECTOR_CLONES
-void unit_tiles(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t n0,
-                int64_t n1, int64_t row_base, int64_t tile_rows, int64_t d, float* __restrict__ tiles,
-                double* __restrict__ unit_sum) {
-  const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth, full_tiles = d / kTileWidth;
-  // Plain floats: a std::vector<TileVec> would not get the vectors' 64-byte alignment.
-  std::vector<float> partial(num_tiles * kTileWidth);
-  for (int64_t r0 = n0; r0 < n1; r0 += kRowsPerPartial) {
-    std::fill(partial.begin(), partial.end(), 0.0f);
-    for (int64_t n = r0; n < std::min(r0 + kRowsPerPartial, n1); ++n) {
-      const float* row = emb + n * d;
-      for (int64_t t = 0; t < num_tiles; ++t) {
-        TileVec unit = {};
-        if (t < full_tiles) {
-          unit = load_tile_row(row + t * kTileWidth) * inv_norm[n];
-        } else {
-          for (int64_t i = 0; i < d - t * kTileWidth; ++i) unit[i] = row[t * kTileWidth + i] * inv_norm[n];
-        }
-        __builtin_memcpy(tiles + (t * tile_rows + n - row_base) * kTileWidth, &unit, sizeof(unit));
-        const TileVec sum = load_tile_row(&partial[t * kTileWidth]) + unit;
-        __builtin_memcpy(&partial[t * kTileWidth], &sum, sizeof(sum));
-      }
-    }
-    for (int64_t t = 0; t < num_tiles; ++t) {
-      for (int64_t i = 0; i < std::min(kTileWidth, d - t * kTileWidth); ++i) {
-        unit_sum[t * kTileWidth + i] += partial[t * kTileWidth + i];
-      }
     }
   }
 }
