@@ -338,3 +338,20 @@ def test_bad_shapes_raise():
         BACKWARD_OP(acts, emb, shift, act_range, grad_cross.T, grad_moments, grad_range)
     with pytest.raises(ValueError, match="must share N"):
         BACKWARD_OP(acts[1:], emb, shift, act_range, grad_cross, grad_moments, grad_range)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the ops themselves run the GPU configuration")
+def test_gpu_block_sizes_under_the_interpreter():
+    """The GPU configuration's tiles and masks (with "ieee" products, which the interpreter
+    evaluates), on shapes that leave partial tiles in every dimension."""
+    from monoloss_kernels.ops import triton_monoscore_stats_backward as backward
+
+    if not backward.INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    config = backward.GPU_CONFIG._replace(dot_precision="ieee", ties_rows_per_program=64)
+    inputs = dense_inputs("ties_max", (150, 70, 40), torch.float32, "cpu", seed=47)
+    assert_close_to_reference(backward.dense_backward_with_config(*inputs, config), float64_formula(*inputs),
+                              torch.float32)
+    inputs = csr_inputs("ragged", "negative", torch.float32, "cpu", seed=53, d=150)
+    assert_close_to_reference(backward.csr_backward_with_config(*inputs, config), csr_float64_formula(*inputs),
+                              torch.float32)

@@ -44,8 +44,10 @@ from .triton_monoscore_stats import INTERPRET
 class BackwardConfig(NamedTuple):
     block_n: int  # dense: rows (samples) of the output tile
     block_m: int  # dense: latents of the output tile
-    block_d: int  # embedding dims per tl.dot step (dense) or per gathered step (CSR)
+    block_d: int  # dense: embedding dims per tl.dot step
     block_e: int  # CSR: stored entries per program
+    csr_block_d: int  # CSR: embedding dims per gathered step
+    ties_block_n: int  # tie counting: rows per step
     ties_block_m: int  # tie counting: latents per program
     ties_rows_per_program: int  # tie counting: rows per program (its counts meet in atomic adds)
     num_warps: int
@@ -55,17 +57,21 @@ class BackwardConfig(NamedTuple):
 
 # GPU: the output tile is the forward's tuned tf32x3 tile (128 x 64 over 4 warps,
 # benchmarks/tune_triton.py on an H200) with d as the reduction, stepped 32 at a time as
-# in a tf32 GEMM; not yet tuned on a GPU for this kernel. CSR: 64 entries x 128 dims
-# gather 64 rows of Ê and Gᵀ per step (two 32 KiB loads in flight per program). The
-# tie count reads 4096 rows per program: 64 programs per 128 latents at N = 2^18,
-# enough to fill the GPU whatever M. The interpreter runs programs one by one on numpy:
-# small tiles, few programs.
+# in a tf32 GEMM. CSR: as in the forward's sparse kernel, 128 dims per gathered row
+# segment (512 contiguous bytes of a row of emb or of Gᵀ), 32 entries per program (two
+# 16 KiB gathers per step, 32 values per thread each). The tie count steps through
+# 32 x 128 tiles (128 contiguous latents per row) and reads 4096 rows per program: 64
+# programs per 128 latents at N = 2^18, enough to fill the GPU whatever M. None of these
+# is tuned on a GPU yet. The interpreter runs programs one by one on numpy: small tiles,
+# few programs.
 GPU_CONFIG = BackwardConfig(
-    block_n=128, block_m=64, block_d=32, block_e=64, ties_block_m=128, ties_rows_per_program=4096,
+    block_n=128, block_m=64, block_d=32, block_e=32, csr_block_d=128,
+    ties_block_n=32, ties_block_m=128, ties_rows_per_program=4096,
     num_warps=4, num_stages=3, dot_precision="tf32x3",
 )
 INTERPRETER_CONFIG = BackwardConfig(
-    block_n=32, block_m=32, block_d=32, block_e=64, ties_block_m=32, ties_rows_per_program=4096,
+    block_n=32, block_m=32, block_d=32, block_e=64, csr_block_d=32,
+    ties_block_n=64, ties_block_m=32, ties_rows_per_program=4096,
     num_warps=1, num_stages=1, dot_precision="ieee",
 )
 CONFIG = INTERPRETER_CONFIG if INTERPRET else GPU_CONFIG
@@ -243,7 +249,7 @@ def dense_backward_with_config(acts, emb, shift, act_range, grad_cross, grad_mom
     launch(_count_ties_kernel)[ties_grid](
         acts, act_range32, ties,
         num_rows, num_latents, config.ties_rows_per_program, acts.stride(0), acts.stride(1),
-        BLOCK_N=config.block_n, BLOCK_M=config.ties_block_m, num_warps=config.num_warps,
+        BLOCK_N=config.ties_block_n, BLOCK_M=config.ties_block_m, num_warps=config.num_warps,
     )
     terms = latent_terms(act_range32, grad_moments, grad_range, ties[0], ties[1])
     grad_cross32 = grad_cross.float()
@@ -297,7 +303,7 @@ def csr_backward_with_config(crow_indices, col_indices, values, emb, num_latents
     launch(_csr_backward_kernel)[(triton.cdiv(num_entries, config.block_e),)](
         rows, cols, values, emb, row_inv_norm(emb), shift.float().contiguous(), grad_cross_t, terms, out,
         num_entries, num_latents, dim, emb.stride(0), emb.stride(1),
-        BLOCK_E=config.block_e, BLOCK_D=config.block_d, num_warps=config.num_warps,
+        BLOCK_E=config.block_e, BLOCK_D=config.csr_block_d, num_warps=config.num_warps,
     )
     return out
 
