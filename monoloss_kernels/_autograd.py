@@ -16,16 +16,33 @@ share its gradient evenly, as torch.amin/amax do; for sparse inputs the
 implicit zeros count among the ties. With emb requiring grad, ∂L/∂Ê = B Gᵀ + ∂L/∂ΣÊ
 goes through the row normalisation.
 
-Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. On the
-CPU, the gradient with respect to acts runs as one fused C++ kernel per input form
-(csrc/cpu/monoscore_stats_backward_cpu.cpp); elsewhere the torch formula below.
+Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. The
+gradient with respect to acts (or the stored values) runs as one fused kernel per
+input form, the statistics op's own backend's (`acts_grad_kernel`):
+
+    "cpp":    the C++ ops monoscore_stats[_csr]_backward, where built for the device
+              (csrc/cpu/monoscore_stats_backward_cpu.cpp; CUDA once csrc/cuda has one);
+    "triton": the Triton ops monoscore_stats[_csr]_backward_triton
+              (ops/triton_monoscore_stats_backward.py), on CUDA and under TRITON_INTERPRET=1;
+    "torch":  the torch formula below: the plain-torch statistics ops' backward, and the
+              fallback where the kernel asked for does not run on the device.
+
+The gradient with respect to emb is the torch formula for every backend.
 """
 
 import torch
 from torch import Tensor
 
 from . import _extension
+from ._dispatch import available_backends, triton_runs_on
 from .stats import row_inv_norm
+
+try:  # registers the Triton backward ops; triton is optional
+    from .ops import triton_monoscore_stats_backward  # noqa: F401
+
+    HAS_TRITON_BACKWARD = True
+except ImportError:
+    HAS_TRITON_BACKWARD = False
 
 # Entries per gathered (entries, d) block in the sparse backward.
 ENTRIES_PER_BLOCK = 8192
@@ -41,9 +58,37 @@ def _emb_grad(emb: Tensor, inv_norm: Tensor, unit: Tensor, grad_unit: Tensor) ->
     return ((grad_unit - unit * radial) * inv_norm[:, None]).to(emb.dtype)
 
 
-def _fused_kernel(device: torch.device, op: str) -> bool:
-    """The C++ backward runs where it is built (CPU); elsewhere the torch formula."""
-    return _extension.has_kernel(device.type.upper(), op)
+# The fused kernels for ∂L/∂acts: (dense op, CSR op) of each; "torch" is the formula here.
+ACTS_GRAD_KERNELS = ("cpp", "triton", "torch")
+_KERNEL_OPS = {
+    "cpp": (_extension.BACKWARD_OP, _extension.CSR_BACKWARD_OP),
+    "triton": ("monoloss_kernels::monoscore_stats_backward_triton",
+               "monoloss_kernels::monoscore_stats_csr_backward_triton"),
+}
+# The kernel paired with each `backend=` (the statistics op it ran).
+_BACKEND_KERNELS = {"cpu": "cpp", "cuda": "cpp", "triton": "triton", "torch": "torch"}
+
+
+def acts_grad_kernel_of(backend: str, device: torch.device) -> str:
+    """The `acts_grad_kernel` paired with the statistics of `backend=` on `device`."""
+    if backend == "auto":
+        backend = available_backends(device)[0]
+    return _BACKEND_KERNELS[backend]
+
+
+def _acts_grad_op(acts_grad_kernel: str, device: torch.device, sparse: bool):
+    """The op computing ∂L/∂acts with `acts_grad_kernel` on `device`, or None where that
+    is the torch formula (asked for, or the kernel does not run on the device)."""
+    if acts_grad_kernel not in ACTS_GRAD_KERNELS:
+        raise ValueError(f"acts_grad_kernel must be one of {ACTS_GRAD_KERNELS}, got {acts_grad_kernel!r}")
+    if acts_grad_kernel == "torch":
+        return None
+    name = _KERNEL_OPS[acts_grad_kernel][sparse]
+    if acts_grad_kernel == "cpp":
+        runs = _extension.has_kernel(device.type.upper(), name)
+    else:
+        runs = HAS_TRITON_BACKWARD and triton_runs_on(device)
+    return getattr(torch.ops.monoloss_kernels, name.split("::")[1]) if runs else None
 
 
 def _zeros_if_none(grads, shapes, device):
@@ -51,27 +96,25 @@ def _zeros_if_none(grads, shapes, device):
 
 
 def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, *,
-                      acts_grad: bool, emb_grad: bool, use_kernel: bool = True):
+                      acts_grad: bool, emb_grad: bool, acts_grad_kernel: str = "cpp"):
     """(∂L/∂acts, ∂L/∂emb) -- each None unless asked for -- given the gradients of the
     statistics of dense `acts` taken at `shift` (any grad may be None). grad_range[0, k]
-    is shared by the entries equal to latent k's minimum, act_range[0, k] (the C++ kernel
-    reads it from act_range, the torch formula recomputes it: the same value); likewise
-    the maximum."""
+    is shared by the entries equal to latent k's minimum, act_range[0, k] (the kernels
+    read it from act_range, the torch formula recomputes it: the same value); likewise
+    the maximum. `acts_grad_kernel`: "cpp", "triton" or "torch" (see above)."""
     num_latents, dim = acts.shape[1], emb.shape[1]
-    kernel = use_kernel and _fused_kernel(acts.device, _extension.BACKWARD_OP)
-    if (acts_grad and not kernel) or emb_grad:  # what the torch formulas read
+    kernel = _acts_grad_op(acts_grad_kernel, acts.device, sparse=False) if acts_grad else None
+    if (acts_grad and kernel is None) or emb_grad:  # what the torch formulas read
         inv_norm = row_inv_norm(emb)
         unit = emb.float() * inv_norm[:, None]  # (N, d)
         b = acts.float() - shift  # (N, M)
     grad_acts = grad_emb = None
-    if acts_grad and kernel:
+    if kernel is not None:
         grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
             (grad_cross, grad_moments, grad_range), ((dim, num_latents), (4, num_latents), (2, num_latents)),
             acts.device,
         )
-        grad_acts = torch.ops.monoloss_kernels.monoscore_stats_backward(
-            acts, emb, shift, act_range, grad_cross_, grad_moments_, grad_range_
-        )
+        grad_acts = kernel(acts, emb, shift, act_range, grad_cross_, grad_moments_, grad_range_)
     elif acts_grad:
         grad = unit @ grad_cross.float() if grad_cross is not None else torch.zeros_like(b)
         if grad_moments is not None:
@@ -95,13 +138,13 @@ def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum
 
 
 def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_range, grad_cross, grad_unit_emb_sum,
-                    grad_range, grad_moments, *, values_grad: bool, emb_grad: bool, use_kernel: bool = True):
+                    grad_range, grad_moments, *, values_grad: bool, emb_grad: bool, acts_grad_kernel: str = "cpp"):
     """`dense_stats_grads` for sparse activations in CSR form: (∂L/∂values, ∂L/∂emb).
     The implicit zeros count among the entries tied with act_range (no gradient
     reaches them)."""
     num_rows, dim = crow_indices.shape[0] - 1, emb.shape[1]
-    kernel = use_kernel and _fused_kernel(values.device, _extension.CSR_BACKWARD_OP)
-    if (values_grad and not kernel) or emb_grad:  # what the torch formulas read
+    kernel = _acts_grad_op(acts_grad_kernel, values.device, sparse=True) if values_grad else None
+    if (values_grad and kernel is None) or emb_grad:  # what the torch formulas read
         rows = torch.repeat_interleave(
             torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
         )
@@ -110,12 +153,12 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
         b = values.float() - shift[cols]  # (nnz,)
     grad_cross_t = grad_cross.float().T if grad_cross is not None else None  # (M, d)
     grad_values = grad_emb = None
-    if values_grad and kernel:
+    if kernel is not None:
         grad_cross_, grad_moments_, grad_range_ = _zeros_if_none(
             (grad_cross, grad_moments, grad_range), ((dim, num_latents), (4, num_latents), (2, num_latents)),
             values.device,
         )
-        grad_values = torch.ops.monoloss_kernels.monoscore_stats_csr_backward(
+        grad_values = kernel(
             crow_indices, cols, values, emb, num_latents, shift, act_range, grad_cross_, grad_moments_, grad_range_
         )
     elif values_grad:
@@ -153,23 +196,22 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
     return grad_values, grad_emb
 
 
-# The backward functions registered with the ops. The gradients of shift and counts
-# are ignored (see above). The *_torch variants always use the torch formula: the
-# tests gradcheck them in float64, where the float32 C++ kernel could not be.
-def _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
-    acts, emb, shift, act_range = ctx.saved_tensors
-    return dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum, grad_range, grad_moments,
-                             acts_grad=ctx.needs_input_grad[0], emb_grad=ctx.needs_input_grad[1],
-                             use_kernel=use_kernel)
+# The backward functions registered with the ops, one per acts-gradient kernel. The
+# gradients of shift and counts are ignored (see above). The tests gradcheck
+# dense_stats_backward_torch in float64, where the float32 kernels could not be.
+def _dense_backward_using(acts_grad_kernel: str):
+    def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
+                             _grad_counts):
+        acts, emb, shift, act_range = ctx.saved_tensors
+        return dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum, grad_range,
+                                 grad_moments, acts_grad=ctx.needs_input_grad[0], emb_grad=ctx.needs_input_grad[1],
+                                 acts_grad_kernel=acts_grad_kernel)
+
+    return dense_stats_backward
 
 
-def dense_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
-
-
-def dense_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
-                               _grad_counts):
-    return _dense_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
+DENSE_STATS_BACKWARD = {kernel: _dense_backward_using(kernel) for kernel in ACTS_GRAD_KERNELS}
+dense_stats_backward_torch = DENSE_STATS_BACKWARD["torch"]
 
 
 def dense_setup_context(ctx, inputs, output):
@@ -178,23 +220,21 @@ def dense_setup_context(ctx, inputs, output):
     ctx.save_for_backward(acts, emb, shift, act_range)
 
 
-def _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel):
-    crow_indices, cols, values, emb, shift, act_range = ctx.saved_tensors
-    grad_values, grad_emb = csr_stats_grads(
-        crow_indices, cols, values, emb, ctx.num_latents, shift, act_range, grad_cross, grad_unit_emb_sum,
-        grad_range, grad_moments, values_grad=ctx.needs_input_grad[2], emb_grad=ctx.needs_input_grad[3],
-        use_kernel=use_kernel,
-    )
-    return None, None, grad_values, grad_emb, None
+def _csr_backward_using(acts_grad_kernel: str):
+    def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
+        crow_indices, cols, values, emb, shift, act_range = ctx.saved_tensors
+        grad_values, grad_emb = csr_stats_grads(
+            crow_indices, cols, values, emb, ctx.num_latents, shift, act_range, grad_cross, grad_unit_emb_sum,
+            grad_range, grad_moments, values_grad=ctx.needs_input_grad[2], emb_grad=ctx.needs_input_grad[3],
+            acts_grad_kernel=acts_grad_kernel,
+        )
+        return None, None, grad_values, grad_emb, None
+
+    return csr_stats_backward
 
 
-def csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts):
-    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=True)
-
-
-def csr_stats_backward_torch(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments,
-                             _grad_counts):
-    return _csr_backward(ctx, grad_cross, grad_unit_emb_sum, grad_range, grad_moments, use_kernel=False)
+CSR_STATS_BACKWARD = {kernel: _csr_backward_using(kernel) for kernel in ACTS_GRAD_KERNELS}
+csr_stats_backward_torch = CSR_STATS_BACKWARD["torch"]
 
 
 def csr_setup_context(ctx, inputs, output):
@@ -204,16 +244,17 @@ def csr_setup_context(ctx, inputs, output):
     ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range)
 
 
-DENSE_STATS_OPS = (
-    "monoloss_kernels::monoscore_stats",
-    "monoloss_kernels::monoscore_stats_triton",
-    "monoloss_kernels::monoscore_stats_torch",
-)
-CSR_STATS_OPS = (
-    "monoloss_kernels::monoscore_stats_csr",
-    "monoloss_kernels::monoscore_stats_csr_triton",
-    "monoloss_kernels::monoscore_stats_csr_torch",
-)
+# Each statistics op and the kernel its backward computes ∂L/∂acts with.
+DENSE_STATS_OPS = {
+    "monoloss_kernels::monoscore_stats": "cpp",
+    "monoloss_kernels::monoscore_stats_triton": "triton",
+    "monoloss_kernels::monoscore_stats_torch": "torch",
+}
+CSR_STATS_OPS = {
+    "monoloss_kernels::monoscore_stats_csr": "cpp",
+    "monoloss_kernels::monoscore_stats_csr_triton": "triton",
+    "monoloss_kernels::monoscore_stats_csr_torch": "torch",
+}
 
 
 def _exists(name: str) -> bool:
@@ -223,9 +264,10 @@ def _exists(name: str) -> bool:
 
 def register() -> None:
     """Registers the backward for each op that exists (the C++ and Triton ones are optional)."""
-    for names, backward, setup_context in (
-        (DENSE_STATS_OPS, dense_stats_backward, dense_setup_context),
-        (CSR_STATS_OPS, csr_stats_backward, csr_setup_context),
+    for ops, backwards, setup_context in (
+        (DENSE_STATS_OPS, DENSE_STATS_BACKWARD, dense_setup_context),
+        (CSR_STATS_OPS, CSR_STATS_BACKWARD, csr_setup_context),
     ):
-        for name in filter(_exists, names):
-            torch.library.register_autograd(name, backward, setup_context=setup_context)
+        for name, acts_grad_kernel in ops.items():
+            if _exists(name):
+                torch.library.register_autograd(name, backwards[acts_grad_kernel], setup_context=setup_context)

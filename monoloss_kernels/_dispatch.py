@@ -44,7 +44,7 @@ def _torch_csr_stats(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
     ))
 
 
-def _triton_runs_on(device: torch.device) -> bool:
+def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -59,7 +59,7 @@ def available_backends(device: torch.device) -> list[str]:
     elif device.type == "cpu":
         if _extension.has_kernel("CPU"):
             names.append("cpu")
-        if triton_stats is not None and _triton_runs_on(device):
+        if triton_stats is not None and triton_runs_on(device):
             names.append("triton")
     names.append("torch")
     return names
@@ -77,7 +77,7 @@ def stats_function(backend: str, device: torch.device, sparse: bool = False) -> 
     if backend == "triton":
         if triton_stats is None:
             raise RuntimeError(TRITON_ERROR)
-        if not _triton_runs_on(device):
+        if not triton_runs_on(device):
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter); "
                 f"the inputs are on {device}"

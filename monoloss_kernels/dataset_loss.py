@@ -116,7 +116,8 @@ def dataset_monoloss_backward(
         num_latents: M.
         scale: multiplies the gradient (e.g. the MonoLoss coefficient); the returned
             loss is not scaled.
-        backend: the statistics backend, as in `monoscore`.
+        backend: the statistics backend, as in `monoscore`; its backward kernel computes
+            each batch's gradient in pass 2.
         differentiable_emb: also back-propagate into emb.
         distributed: each rank of torch.distributed `group` iterates its own shard;
             the statistics are all-reduced after pass 1, so every rank returns the
@@ -201,7 +202,8 @@ def dataset_monoloss_backward(
         grad_range = torch.stack([(min_share * ties).float(), torch.zeros_like(global_min)])
         wanted = (values.requires_grad, emb.requires_grad)
         common = dict(grad_cross=grads["cross"], grad_unit_emb_sum=grads.get("unit_emb_sum"),
-                      grad_range=grad_range, grad_moments=grads["moments"])
+                      grad_range=grad_range, grad_moments=grads["moments"],
+                      acts_grad_kernel=_autograd.acts_grad_kernel_of(backend, emb.device))
         if sparse:
             grad_values, grad_emb = _autograd.csr_stats_grads(
                 acts.crow_indices, acts.col_indices, values.detach(), emb.detach(), num_latents, shift,
