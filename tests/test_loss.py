@@ -256,11 +256,11 @@ def test_csr_backward_kernel_matches_the_torch_formula(device, grad_layout):
     args = [t.to(device) for t in (crow, cols, values, emb)]
     ours, _ = _autograd.csr_stats_grads(
         *args, m, stats.shift.to(device), stats.act_range.to(device), grad_cross.to(device), None,
-        grad_range.to(device), grad_moments.to(device), values_grad=True, emb_grad=False,
+        grad_range.to(device), grad_moments.to(device), values_grad=True, emb_grad=False, acts_grad_kernel="cpp",
     )
     expected, _ = _autograd.csr_stats_grads(
         crow, cols, values.double(), emb.double(), m, stats.shift.double(), stats.act_range, grad_cross.double(),
-        None, grad_range, grad_moments, values_grad=True, emb_grad=False, use_kernel=False,
+        None, grad_range, grad_moments, values_grad=True, emb_grad=False, acts_grad_kernel="torch",
     )
     scale = expected.abs().max().item()
     torch.testing.assert_close(ours.cpu().double(), expected, rtol=0, atol=CSR_KERNEL_RTOL_OF_MAX * scale)
