@@ -16,9 +16,11 @@ share its gradient evenly, as torch.amin/amax do; for sparse inputs the
 implicit zeros count among the ties. With emb requiring grad, ∂L/∂Ê = B Gᵀ + ∂L/∂ΣÊ
 goes through the row normalisation.
 
-Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. On the
-CPU, the gradient with respect to acts runs as one fused C++ kernel per input form
-(csrc/cpu/monoscore_stats_backward_cpu.cpp); elsewhere the torch formula below.
+Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. The
+gradient with respect to acts runs as C++ kernels per input form where they are
+built: on the CPU (csrc/cpu/monoscore_stats_backward_cpu.cpp) and on GPUs of compute
+capability 8.0+ (csrc/cuda/monoscore_stats_backward_cuda.cu), whichever backend ran
+the forward; elsewhere the torch formula below.
 """
 
 import torch
@@ -41,8 +43,16 @@ def _emb_grad(emb: Tensor, inv_norm: Tensor, unit: Tensor, grad_unit: Tensor) ->
     return ((grad_unit - unit * radial) * inv_norm[:, None]).to(emb.dtype)
 
 
+# The CUDA kernels are built for these GPUs and newer (setup.py's arch list); an
+# older GPU (a T4, say) can still run the Triton or torch forward, and gets the torch
+# formula here.
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
 def _fused_kernel(device: torch.device, op: str) -> bool:
-    """The C++ backward runs where it is built (CPU); elsewhere the torch formula."""
+    """The C++ backward runs where it is built (CPU; CUDA on sm_80+); elsewhere the torch formula."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CUDA_CAPABILITY:
+        return False
     return _extension.has_kernel(device.type.upper(), op)
 
 
