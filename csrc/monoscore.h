@@ -64,6 +64,15 @@ MonoScoreStats monoscore_stats_cuda(const at::Tensor& acts, const at::Tensor& em
 MonoScoreStats monoscore_stats_csr_cuda(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                         const at::Tensor& values, const at::Tensor& emb,
                                         int64_t num_latents);
+// The backward of the two ops with respect to acts / the stored values (CUDA).
+at::Tensor monoscore_stats_backward_cuda(const at::Tensor& acts, const at::Tensor& emb, const at::Tensor& shift,
+                                         const at::Tensor& act_range, const at::Tensor& grad_cross,
+                                         const at::Tensor& grad_moments, const at::Tensor& grad_range);
+at::Tensor monoscore_stats_csr_backward_cuda(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                             const at::Tensor& values, const at::Tensor& emb,
+                                             int64_t num_latents, const at::Tensor& shift,
+                                             const at::Tensor& act_range, const at::Tensor& grad_cross,
+                                             const at::Tensor& grad_moments, const at::Tensor& grad_range);
 #endif
 
 }  // namespace monoloss_kernels

@@ -20,8 +20,9 @@ Cost: one (N, d) x (d, M) product for dense acts, O(nnz·d) for sparse ones. The
 gradient with respect to acts (or the stored values) runs as one fused kernel per
 input form, the statistics op's own backend's (`acts_grad_kernel`):
 
-    "cpp":    the C++ ops monoscore_stats[_csr]_backward, where built for the device
-              (csrc/cpu/monoscore_stats_backward_cpu.cpp; CUDA once csrc/cuda has one);
+    "cpp":    the C++ ops monoscore_stats[_csr]_backward, where built for the device:
+              csrc/cpu/monoscore_stats_backward_cpu.cpp, and on GPUs of compute
+              capability 8.0+ csrc/cuda/monoscore_stats_backward_cuda.cu;
     "triton": the Triton ops monoscore_stats[_csr]_backward_triton
               (ops/triton_monoscore_stats_backward.py), on CUDA and under TRITON_INTERPRET=1;
     "torch":  the torch formula below: the plain-torch statistics ops' backward, and the
@@ -58,6 +59,10 @@ def _emb_grad(emb: Tensor, inv_norm: Tensor, unit: Tensor, grad_unit: Tensor) ->
     return ((grad_unit - unit * radial) * inv_norm[:, None]).to(emb.dtype)
 
 
+# The CUDA kernels are built for these GPUs and newer (setup.py's arch list); an
+# older GPU (a T4, say) can still run the Triton or torch forward, and gets the torch
+# formula for the C++ kernel asked for.
+MIN_CUDA_CAPABILITY = (8, 0)
 # The fused kernels for ∂L/∂acts: (dense op, CSR op) of each; "torch" is the formula here.
 ACTS_GRAD_KERNELS = ("cpp", "triton", "torch")
 _KERNEL_OPS = {
@@ -85,7 +90,9 @@ def _acts_grad_op(acts_grad_kernel: str, device: torch.device, sparse: bool):
         return None
     name = _KERNEL_OPS[acts_grad_kernel][sparse]
     if acts_grad_kernel == "cpp":
-        runs = _extension.has_kernel(device.type.upper(), name)
+        runs = _extension.has_kernel(device.type.upper(), name) and (
+            device.type != "cuda" or torch.cuda.get_device_capability(device) >= MIN_CUDA_CAPABILITY
+        )
     else:
         runs = HAS_TRITON_BACKWARD and triton_runs_on(device)
     return getattr(torch.ops.monoloss_kernels, name.split("::")[1]) if runs else None

@@ -3,6 +3,7 @@ including the adversarial cases every backend must get right. Never zeros:
 every case draws fresh random values from the given generator."""
 
 import socket
+import zlib
 
 import torch
 
@@ -17,6 +18,12 @@ BACKEND_DEVICES = [
     for device in DEVICES
     for backend in monoloss_kernels.available_backends(torch.device(device))
 ]
+
+
+def seed_of(*parts) -> int:
+    """A seed named by its test case: the same in every process (unlike hash() of a str,
+    which Python randomises per process), so a failure reproduces."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def backend_id(pair):

@@ -5,7 +5,6 @@ dense, TopK and ragged CSR; ties at the min and max, zero-norm embedding rows, d
 constant latents, offsets; opcheck; the routing of each op's backward."""
 
 import os
-import zlib
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from monoloss_kernels import _autograd
 from monoloss_kernels._dispatch import triton_runs_on
 from monoloss_kernels.stats import CsrActs, MonoScoreStats, csr_latent_stats, finalize
 
-from .helpers import DEVICES, densify, make_acts, make_emb, make_topk
+from .helpers import DEVICES, densify, make_acts, make_emb, make_topk, seed_of
 from .test_loss import LOSS_ATOL, check_grad, reference_loss
 
 # Tolerances, never loosened to pass. "of max": atol = that fraction of the largest |entry|
@@ -45,11 +44,6 @@ TRITON_DEVICES = [d for d in DEVICES if triton_runs_on(torch.device(d))]
 # Odd shapes: no dimension a multiple of the blocks; d past two d-steps; a tiny one.
 DENSE_SHAPES = [(83, 29, 13), (37, 45, 70), (4, 5, 3)]
 DENSE_CASES = ["relu", "ties_max", "negative", "offset", "dead_constant"]
-
-
-def seed_of(*parts) -> int:
-    """A seed that names its test case (the same in every process, unlike hash())."""
-    return zlib.crc32(repr(parts).encode())
 
 
 def dense_acts(case: str, n: int, m: int, gen: torch.Generator) -> torch.Tensor:

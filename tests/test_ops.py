@@ -38,11 +38,15 @@ def _nvcc_available():
 
 @pytest.mark.skipif(os.environ.get("MONOLOSS_SKIP_CUDA") == "1", reason="CUDA build switched off")
 def test_cuda_kernels_built_where_nvcc_exists():
-    """A quiet CPU-only build must fail CI: with nvcc and a CUDA torch, the CUDA kernel is registered."""
+    """A quiet CPU-only build must fail CI: with nvcc and a CUDA torch, every C++ op (the
+    statistics, dense and CSR, and their backward) has its CUDA kernel registered."""
+    ops = (_extension.STATS_OP, _extension.CSR_STATS_OP, _extension.BACKWARD_OP, _extension.CSR_BACKWARD_OP)
     if torch.version.cuda is None or not _nvcc_available():
-        assert not _extension.has_kernel("CUDA")
+        assert not any(_extension.has_kernel("CUDA", op) for op in ops)
         return
-    assert _extension.has_kernel("CUDA"), "nvcc and a CUDA torch are present but _C has no CUDA kernel"
+    missing = [op for op in ops if not _extension.has_kernel("CUDA", op)]
+    assert not missing, f"nvcc and a CUDA torch are present but _C has no CUDA kernel for {missing}"
+    assert all(_extension.has_kernel("CPU", op) for op in ops)
 
 
 @pytest.mark.parametrize(
