@@ -6,6 +6,9 @@
 #
 #   bash benchmarks/gpu_check.sh                       # build + full report: ~8-9 min on an H100/H200
 #   GPU_CHECK_TESTS=tests GPU_CHECK_PROFILE=quick bash benchmarks/gpu_check.sh   # + the test suite
+#   # first run of the fused GPU backward kernels (never run on a GPU yet): their tests + MonoLoss timings
+#   GPU_CHECK_TESTS="tests/test_autograd.py tests/test_backward.py tests/test_loss.py" \
+#     GPU_CHECK_BENCH=benchmarks/test_bench_monoloss.py GPU_CHECK_PROFILE=quick bash benchmarks/gpu_check.sh
 #
 # Everything worth keeping lands in $OUT (default benchmarks/results/gpu-run):
 # steps.txt, bench.log, benchmark.json (pytest-benchmark's own) and <device>/ with
