@@ -113,3 +113,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def float64_acts_grad(acts, emb, shift, act_range, grad_cross, grad_moments, grad_range) -> torch.Tensor:
+    """∂L/∂acts (N, M) in float64 by the formula of monoloss_kernels/_autograd.py, the
+    reference for every backward kernel. Ties are the entries equal to act_range as
+    float32, the precision the statistics hold it in (as every kernel compares)."""
+    a, e = acts.double(), emb.double()
+    norm = e.norm(dim=1, keepdim=True)
+    unit = torch.where(norm > 0, e / torch.where(norm > 0, norm, 1.0), 0.0)
+    zero_row = (norm == 0).double()
+    b = a - shift.double()
+    g = grad_moments.double()
+    grad = unit @ grad_cross.double() + g[0] + 2 * b * g[1] + zero_row * (g[2] + 2 * b * g[3])
+    for extreme, g_extreme in zip(act_range.float(), grad_range.double()):
+        tied = (acts.float() == extreme).double()
+        grad += tied * g_extreme / tied.sum(0).clamp(min=1)
+    return grad

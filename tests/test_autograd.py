@@ -9,7 +9,7 @@ import torch
 from monoloss_kernels import _autograd, _extension
 from monoloss_kernels.stats import MonoScoreStats
 
-from .helpers import DEVICES, make_acts, make_emb, make_topk, seed_of
+from .helpers import DEVICES, float64_acts_grad, make_acts, make_emb, make_topk, seed_of
 
 # Each entry within TOL[dtype] * (the largest entry of the reference gradient). float32:
 # the kernels' float32 arithmetic (measured on the CPU kernel: <= 6e-7 on these cases);
@@ -47,22 +47,6 @@ def incoming_grads(n_latents: int, dim: int, gen: torch.Generator):
     return grad_cross, grad_moments, grad_range
 
 
-def reference_grad(acts, emb, shift, act_range, grad_cross, grad_moments, grad_range) -> torch.Tensor:
-    """∂L/∂acts in float64 (the _autograd.py docstring). The ties are the entries equal to
-    act_range as float32, the precision the statistics hold it in."""
-    a, e = acts.double(), emb.double()
-    norm = e.norm(dim=1, keepdim=True)
-    unit = torch.where(norm > 0, e / torch.where(norm > 0, norm, 1.0), 0.0)
-    zero_row = (norm == 0).double()
-    b = a - shift.double()
-    g = grad_moments.double()
-    grad = unit @ grad_cross.double() + g[0] + 2 * b * g[1] + zero_row * (g[2] + 2 * b * g[3])
-    for extreme, g_extreme in zip(act_range.float(), grad_range.double()):
-        tied = (acts.float() == extreme).double()
-        grad += tied * g_extreme / tied.sum(0).clamp(min=1)
-    return grad
-
-
 def check(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
     assert got.dtype == dtype and got.shape == expected.shape and torch.isfinite(got).all()
     scale = expected.abs().max().item()
@@ -85,7 +69,7 @@ def test_dense_backward_op(device, case, shape, dtype, layout):
     shift = acts[0].float()  # as the CUDA forward: any shift gives the same scores
     act_range = torch.stack([acts.amin(0), acts.amax(0)]).float()
     grads = incoming_grads(m, d, gen)
-    expected = reference_grad(acts, emb, shift, act_range, *grads)
+    expected = float64_acts_grad(acts, emb, shift, act_range, *grads)
 
     dev_acts = acts.to(device)
     if layout == "transposed":  # column-major acts: the kernels read them through strides
@@ -135,7 +119,7 @@ def test_csr_backward_op(device, case, shape, dtype):
     act_range = torch.stack([dense.amin(0), dense.amax(0)]).float()
     grads = incoming_grads(m, d, gen)
     rows = torch.repeat_interleave(torch.arange(n), crow.diff())
-    expected = reference_grad(dense, emb, shift, act_range, *grads)[rows, cols]
+    expected = float64_acts_grad(dense, emb, shift, act_range, *grads)[rows, cols]
 
     inputs = [crow.to(device), cols.to(device), values.to(device), emb.to(device), m, shift.to(device),
               act_range.to(device), *(g.to(device) for g in grads)]
@@ -157,7 +141,7 @@ def test_dense_backward_ignores_tf32():
     emb = make_emb("plain", n, d, gen).float()
     shift, act_range = acts[0].clone(), torch.stack([acts.amin(0), acts.amax(0)])
     grads = incoming_grads(m, d, gen)
-    expected = reference_grad(acts, emb, shift, act_range, *grads)
+    expected = float64_acts_grad(acts, emb, shift, act_range, *grads)
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 for float32 matmuls
     try:

@@ -14,7 +14,7 @@ from monoloss_kernels import _autograd
 from monoloss_kernels._dispatch import triton_runs_on
 from monoloss_kernels.stats import CsrActs, MonoScoreStats, csr_latent_stats, finalize
 
-from .helpers import DEVICES, densify, make_acts, make_emb, make_topk, seed_of
+from .helpers import DEVICES, densify, float64_acts_grad, make_acts, make_emb, make_topk, seed_of
 from .test_loss import LOSS_ATOL, check_grad, reference_loss
 
 # Tolerances, never loosened to pass. "of max": atol = that fraction of the largest |entry|
@@ -63,22 +63,6 @@ def random_grads(dim: int, m: int, gen: torch.Generator, device):
     return grad_cross.to(device), grad_moments.to(device), grad_range.to(device)
 
 
-def float64_formula(acts, emb, shift, act_range, grad_cross, grad_moments, grad_range):
-    """∂L/∂acts (N, M) float64 by the formula in _autograd.py; ties compared in float32,
-    the precision of act_range (every kernel does)."""
-    a, e = acts.double(), emb.double()
-    norm = e.norm(dim=1)
-    unit = torch.where(norm[:, None] > 0, e / torch.where(norm > 0, norm, 1.0)[:, None], 0.0)
-    zero_rows = (norm == 0).double()[:, None]
-    b = a - shift.double()
-    g = grad_moments.double()
-    grad = unit @ grad_cross.double() + g[0] + 2 * b * g[1] + zero_rows * (g[2] + 2 * b * g[3])
-    for extreme, grad_extreme in zip(act_range.float(), grad_range.double()):
-        is_extreme = acts.float() == extreme
-        grad += is_extreme * (grad_extreme / is_extreme.sum(0).clamp(min=1))
-    return grad
-
-
 def dense_inputs(case, shape, dtype, device, seed):
     n, m, d = shape
     gen = torch.Generator().manual_seed(seed)
@@ -108,13 +92,13 @@ def assert_unchanged(inputs, copies):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("case", DENSE_CASES)
-def test_dense_backward_matches_float64_formula(device, dtype, shape, case):
+def test_dense_backward_matches_float64_acts_grad(device, dtype, shape, case):
     inputs = dense_inputs(case, shape, dtype, device, seed=seed_of(case, shape))
     copies = [x.clone() for x in inputs]
     got = BACKWARD_OP(*inputs)
     assert_unchanged(inputs, copies)
     assert got.is_contiguous()
-    assert_close_to_reference(got, float64_formula(*inputs), dtype)
+    assert_close_to_reference(got, float64_acts_grad(*inputs), dtype)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -125,7 +109,7 @@ def test_dense_backward_matches_cpp_and_torch_formula(device, case):
         case, (83, 29, 13), torch.float32, device, seed=7
     )
     got = BACKWARD_OP(*inputs)
-    expected = float64_formula(*inputs)
+    expected = float64_acts_grad(*inputs)
     for kernel in ("cpp", "torch"):
         other, _ = _autograd.dense_stats_grads(
             acts, emb, shift, act_range, grad_cross, None, grad_range, grad_moments, acts_grad=True,
@@ -144,7 +128,7 @@ def test_dense_backward_strided_inputs():
     strided = (acts.T.contiguous().T, torch.cat([emb, emb], dim=1)[:, 19:], shift, act_range,
                grad_cross.T.contiguous().T, grad_moments, grad_range)
     assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
-    assert_close_to_reference(BACKWARD_OP(*strided), float64_formula(*strided), torch.float32)
+    assert_close_to_reference(BACKWARD_OP(*strided), float64_acts_grad(*strided), torch.float32)
 
 
 CSR_FORMS = ["topk", "ragged"]
@@ -174,13 +158,13 @@ def csr_inputs(form, case, dtype, device, seed, n=97, m=31, k=6, d=17):
     return tuple(t.to(device) for t in tensors) + (m,) + tuple(t.to(device) for t in rest)
 
 
-def csr_float64_formula(crow, cols, values, emb, m, shift, act_range, grad_cross, grad_moments, grad_range):
+def csr_float64_acts_grad(crow, cols, values, emb, m, shift, act_range, grad_cross, grad_moments, grad_range):
     """∂L/∂values (nnz,) float64: the dense formula at the stored entries, whose ties
     include the implicit zeros."""
     crow, cols, values, emb = (t.cpu() for t in (crow, cols, values, emb))
     rows = torch.repeat_interleave(torch.arange(emb.shape[0]), crow.diff())
     dense = torch.zeros(emb.shape[0], m, dtype=values.dtype).index_put_((rows, cols), values)
-    grad = float64_formula(dense, emb, *(t.cpu() for t in (shift, act_range, grad_cross, grad_moments, grad_range)))
+    grad = float64_acts_grad(dense, emb, *(t.cpu() for t in (shift, act_range, grad_cross, grad_moments, grad_range)))
     return grad[rows, cols]
 
 
@@ -188,12 +172,12 @@ def csr_float64_formula(crow, cols, values, emb, m, shift, act_range, grad_cross
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("form", CSR_FORMS)
 @pytest.mark.parametrize("case", SPARSE_CASES)
-def test_csr_backward_matches_float64_formula(device, dtype, form, case):
+def test_csr_backward_matches_float64_acts_grad(device, dtype, form, case):
     inputs = csr_inputs(form, case, dtype, device, seed=seed_of(case, form))
     copies = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
     got = CSR_BACKWARD_OP(*inputs)
     assert_unchanged(inputs, copies)
-    assert_close_to_reference(got, csr_float64_formula(*inputs), dtype)
+    assert_close_to_reference(got, csr_float64_acts_grad(*inputs), dtype)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -203,7 +187,7 @@ def test_csr_backward_matches_cpp_and_torch_formula(device, form):
         form, "negative", torch.float32, device, seed=13
     )
     got = CSR_BACKWARD_OP(*inputs)
-    expected = csr_float64_formula(*inputs)
+    expected = csr_float64_acts_grad(*inputs)
     for kernel in ("cpp", "torch"):
         other, _ = _autograd.csr_stats_grads(
             crow, cols, values, emb, m, shift, act_range, grad_cross, None, grad_range, grad_moments,
@@ -221,11 +205,11 @@ def test_csr_backward_edge_cases():
     empty = CSR_BACKWARD_OP(torch.zeros_like(crow), cols[:0], values[:0], emb, m, *rest)
     assert empty.shape == (0,) and empty.dtype == torch.float32
     no_dims = (crow, cols, values, emb[:, :0], m, rest[0], rest[1], rest[2][:0], *rest[3:])
-    assert_close_to_reference(CSR_BACKWARD_OP(*no_dims), csr_float64_formula(*no_dims), torch.float32)
+    assert_close_to_reference(CSR_BACKWARD_OP(*no_dims), csr_float64_acts_grad(*no_dims), torch.float32)
     dense_no_dims = dense_inputs("relu", (29, 11, 5), torch.float32, device, seed=19)
     dense_no_dims = (dense_no_dims[0], dense_no_dims[1][:, :0], *dense_no_dims[2:4], dense_no_dims[4][:0],
                      *dense_no_dims[5:])
-    assert_close_to_reference(BACKWARD_OP(*dense_no_dims), float64_formula(*dense_no_dims), torch.float32)
+    assert_close_to_reference(BACKWARD_OP(*dense_no_dims), float64_acts_grad(*dense_no_dims), torch.float32)
 
 
 # Through autograd: the Triton statistics ops' registered backward (now these kernels)
@@ -344,8 +328,8 @@ def test_gpu_block_sizes_under_the_interpreter():
         pytest.skip("needs TRITON_INTERPRET=1")
     config = backward.GPU_CONFIG._replace(dot_precision="ieee", ties_rows_per_program=64)
     inputs = dense_inputs("ties_max", (150, 70, 40), torch.float32, "cpu", seed=47)
-    assert_close_to_reference(backward.dense_backward_with_config(*inputs, config), float64_formula(*inputs),
+    assert_close_to_reference(backward.dense_backward_with_config(*inputs, config), float64_acts_grad(*inputs),
                               torch.float32)
     inputs = csr_inputs("ragged", "negative", torch.float32, "cpu", seed=53, d=150)
-    assert_close_to_reference(backward.csr_backward_with_config(*inputs, config), csr_float64_formula(*inputs),
+    assert_close_to_reference(backward.csr_backward_with_config(*inputs, config), csr_float64_acts_grad(*inputs),
                               torch.float32)
