@@ -34,6 +34,13 @@ void check_stats_inputs(const at::Tensor& acts, const at::Tensor& emb);
 void check_csr_stats_inputs(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             const at::Tensor& values, const at::Tensor& emb, int64_t num_latents);
 
+// The same for the backward ops' other inputs (shift, act_range and the incoming
+// gradients, for M latents and d dims), on the device of `like`: the kernels read
+// them by raw pointer, so a wrong shape or device would read out of bounds.
+void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, int64_t D,
+                           const at::Tensor& shift, const at::Tensor& act_range, const at::Tensor& grad_cross,
+                           const at::Tensor& grad_moments, const at::Tensor& grad_range);
+
 // 1 / ||emb[n]|| as float32: 0 for zero rows, NaN for rows whose norm is not
 // finite in float32 (NaN/Inf values, or overflow), which makes unit_emb_sum
 // non-finite: the Python wrapper then refuses emb.

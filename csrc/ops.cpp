@@ -72,6 +72,28 @@ void check_csr_stats_inputs(const at::Tensor& crow_indices, const at::Tensor& co
   }
 }
 
+void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, int64_t D,
+                           const at::Tensor& shift, const at::Tensor& act_range, const at::Tensor& grad_cross,
+                           const at::Tensor& grad_moments, const at::Tensor& grad_range) {
+  const std::string name(op);
+  const std::string m = std::to_string(M), d = std::to_string(D);
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == M, name + ": shift must have shape (" + m + ",)");
+  TORCH_CHECK(act_range.dim() == 2 && act_range.size(0) == 2 && act_range.size(1) == M,
+              name + ": act_range must have shape (2, " + m + ")");
+  TORCH_CHECK(grad_cross.dim() == 2 && grad_cross.size(0) == D && grad_cross.size(1) == M,
+              name + ": grad_cross must have shape (" + d + ", " + m + ")");
+  TORCH_CHECK(grad_moments.dim() == 2 && grad_moments.size(0) == 4 && grad_moments.size(1) == M,
+              name + ": grad_moments must have shape (4, " + m + ")");
+  TORCH_CHECK(grad_range.dim() == 2 && grad_range.size(0) == 2 && grad_range.size(1) == M,
+              name + ": grad_range must have shape (2, " + m + ")");
+  for (const at::Tensor* t : {&shift, &act_range, &grad_cross, &grad_moments, &grad_range}) {
+    TORCH_CHECK(t->device() == like.device(),
+                name + ": every input must be on " + like.device().str() + ", got one on " + t->device().str());
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name + ": the statistics and their gradients must be "
+                "floating point, got " + std::string(c10::toString(t->scalar_type())));
+  }
+}
+
 at::Tensor row_inv_norm(const at::Tensor& emb) {
   const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
   const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kFloat);

@@ -166,6 +166,8 @@ at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor
                                         const at::Tensor& act_range, const at::Tensor& grad_cross,
                                         const at::Tensor& grad_moments, const at::Tensor& grad_range) {
   check_stats_inputs(acts, emb);
+  check_backward_inputs("monoscore_stats_backward", acts, acts.size(1), emb.size(1), shift, act_range, grad_cross,
+                        grad_moments, grad_range);
   const int64_t N = acts.size(0), M = acts.size(1);
   const at::Tensor inv_norm = row_inv_norm(emb);
   const at::Tensor acts32 = acts.to(at::kFloat).contiguous();  // no copy for float32 row-major acts
@@ -209,8 +211,8 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
                                             const at::Tensor& act_range, const at::Tensor& grad_cross,
                                             const at::Tensor& grad_moments, const at::Tensor& grad_range) {
   check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
-  TORCH_CHECK(grad_cross.dim() == 2 && grad_cross.size(0) == emb.size(1) && grad_cross.size(1) == num_latents,
-              "monoscore_stats_csr_backward: grad_cross must be (d, num_latents)");
+  check_backward_inputs("monoscore_stats_csr_backward", emb, num_latents, emb.size(1), shift, act_range,
+                        grad_cross, grad_moments, grad_range);
   const int64_t N = emb.size(0), d = emb.size(1), M = num_latents, nnz = values.size(0);
   const at::Tensor inv_norm = row_inv_norm(emb);
   const at::Tensor emb32 = emb.to(at::kFloat).contiguous();

@@ -191,30 +191,6 @@ __global__ void __launch_bounds__(kEntryThreads)
   }
 }
 
-// Backstops for direct torch.ops calls: the kernels read these tensors by raw
-// pointer, so a wrong shape or device would read out of bounds.
-void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, int64_t D,
-                           const at::Tensor& shift, const at::Tensor& act_range, const at::Tensor& grad_cross,
-                           const at::Tensor& grad_moments, const at::Tensor& grad_range) {
-  const std::string name(op);
-  const std::string m = std::to_string(M), d = std::to_string(D);
-  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == M, name + ": shift must have shape (" + m + ",)");
-  TORCH_CHECK(act_range.dim() == 2 && act_range.size(0) == 2 && act_range.size(1) == M,
-              name + ": act_range must have shape (2, " + m + ")");
-  TORCH_CHECK(grad_cross.dim() == 2 && grad_cross.size(0) == D && grad_cross.size(1) == M,
-              name + ": grad_cross must have shape (" + d + ", " + m + ")");
-  TORCH_CHECK(grad_moments.dim() == 2 && grad_moments.size(0) == 4 && grad_moments.size(1) == M,
-              name + ": grad_moments must have shape (4, " + m + ")");
-  TORCH_CHECK(grad_range.dim() == 2 && grad_range.size(0) == 2 && grad_range.size(1) == M,
-              name + ": grad_range must have shape (2, " + m + ")");
-  for (const at::Tensor* t : {&shift, &act_range, &grad_cross, &grad_moments, &grad_range}) {
-    TORCH_CHECK(t->device() == like.device(),
-                name + ": every input must be on " + like.device().str() + ", got one on " + t->device().str());
-    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name + ": the statistics and their gradients must be "
-                "floating point, got " + std::string(c10::toString(t->scalar_type())));
-  }
-}
-
 // As in the forward: the kernels are built for sm_80+ (setup.py's arch list).
 void check_compute_capability(const char* op, const at::Device& device) {
   int cc_major = 0;
