@@ -194,8 +194,8 @@ def test_opcheck_backward_ops(device):
     torch.library.opcheck(torch.ops.monoloss_kernels.monoscore_stats_csr_backward, args, test_utils=test_utils)
 
 
-# The CPU CSR backward walks the entries by blocks of 8192 rows
-# (csrc/cpu/monoscore_stats_backward_cpu.cpp, kPairBlockRows): N spans three.
+# The CPU CSR kernels walk the entries by blocks of 8192 rows (csrc/cpu/csr_tiles.h,
+# kBlockRows): N spans three, with enough entries for a parallel sort.
 CSR_KERNEL_ROWS = 16384 + 517
 
 

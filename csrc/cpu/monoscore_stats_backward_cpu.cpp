@@ -8,18 +8,20 @@
 //          pass over acts.
 //   CSR:   each stored entry gets ê[row] · G[:, latent] plus the same
 //          per-entry terms: O(nnz·d). The entries are sorted as the forward
-//          kernel sorts them -- by (block of rows, latent) -- so that each pair
-//          of 16-dim tiles of the block's unit embeddings (1 MiB at most) stays
-//          in L2 while every latent's entries read it, and each latent reads its
-//          32 values of G once per pair, whatever M is. Each thread owns a range
-//          of latents, and so a contiguous range of the sorted entries. Products
-//          are reduced 16 entries at a time (`lane_sums`). Reading Gᵀ tiles in
-//          row order instead needed a reordered copy of G and one L2-resident
-//          (M, 16) tile per thread, and ran 2x slower at N=4096, M=8192, k=64.
+//          kernel sorts them -- by latent within blocks of rows (csr_tiles.h)
+//          -- so that each tile of the block's unit embeddings (64 dims, 2 MiB)
+//          stays in L2 while every latent's entries read it, and each latent
+//          reads its 64 values of G once per tile, whatever M is. Each thread
+//          owns a range of latents, and so a contiguous range of the sorted
+//          entries. Products are reduced 16 entries at a time (`lane_sums`).
+//          Reading Gᵀ tiles in row order instead needed a reordered copy of G
+//          and one L2-resident (M, 16) tile per thread, and ran 2x slower at
+//          N=4096, M=8192, k=64.
 //
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
 #include "../monoscore.h"
+#include "csr_tiles.h"
 #include "vectorize.h"
 
 #include <ATen/ATen.h>
@@ -38,9 +40,6 @@ constexpr int64_t kLatentGrain = 256;
 // How many latents ahead the CSR backward fetches G's values (about a memory
 // latency's worth of latents at ~30 entries each).
 constexpr int64_t kPrefetchLatents = 8;
-// Rows per block of the CSR backward: it reads two tiles at once, so half the
-// forward's block keeps the pair in the same 1 MiB of L2.
-constexpr int64_t kPairBlockRows = kBlockRows / 2;
 // Rows per task when building the tiles of unit embeddings.
 constexpr int64_t kRowGrain = 256;
 
@@ -119,44 +118,45 @@ void add_terms_row(float* __restrict__ out, const float* __restrict__ a, const f
   }
 }
 
-// dots[p] += ê_pair[rows[p]] · g for the sorted entries p of latents [j0, j1) in
-// one row block: a pair of 16-dim tiles at once (the second of width 0 past d),
-// g being latent j's 32 values of G there (G[dim0 + i, j] = grad[i * stride_dim +
-// j * stride_latent]). Pairs halve the reductions and the passes over the entries
-// next to one tile at a time (TopK N=4096, M=8192, k=64, d=768: ~20% less CPU time).
+// dots[p] += ê[rows[p]] · g over one tile for the sorted entries p of latents
+// [j0, j1) in one row block, g being latent j's kTileWidth values of G there
+// (G[dim0 + i, j] = grad[i * stride_dim + j * stride_latent] for i < width, 0
+// past it, where the tile is zero too).
 MONOLOSS_VECTOR_CLONES
-void add_tile_pair_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
-                        const float* __restrict__ unit_tile, int64_t tile_stride, const float* __restrict__ grad,
-                        int64_t stride_dim, int64_t stride_latent, int64_t width0, int64_t width1, int64_t j0,
-                        int64_t j1, float* __restrict__ dots) {
-  const float* __restrict__ unit_tile1 = unit_tile + tile_stride;
-  TileVec products[kTileWidth];
+void add_tile_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
+                   const float* __restrict__ tile, const float* __restrict__ grad, int64_t stride_dim,
+                   int64_t stride_latent, int64_t width, int64_t j0, int64_t j1, float* __restrict__ dots) {
+  const bool contiguous = stride_dim == 1 && width == kTileWidth;
+  LineVec products[kLineFloats];
   int64_t pending = 0, first = latent_offsets[j0];  // products[0, pending) belong to dots[first, ...)
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
     if (p0 == p1) continue;
     // With G latent-major, each latent's values sit a page apart: fetch ahead,
     // as the hardware prefetcher does not cross pages.
-    __builtin_prefetch(grad + std::min(j + kPrefetchLatents, j1 - 1) * stride_latent);
-    TileVec g0 = {}, g1 = {};
-    for (int64_t i = 0; i < width0; ++i) g0[i] = grad[i * stride_dim + j * stride_latent];
-    for (int64_t i = 0; i < width1; ++i) g1[i] = grad[(kTileWidth + i) * stride_dim + j * stride_latent];
+    const float* ahead = grad + std::min(j + kPrefetchLatents, j1 - 1) * stride_latent;
+    for (int64_t l = 0; l < kTileLines; ++l) __builtin_prefetch(ahead + l * kLineFloats * stride_dim);
+    LineVec g[kTileLines] = {};
+    if (contiguous) {
+      for (int64_t l = 0; l < kTileLines; ++l) g[l] = load_line(grad + j * stride_latent + l * kLineFloats);
+    } else {
+      for (int64_t i = 0; i < width; ++i) g[i / kLineFloats][i % kLineFloats] = grad[i * stride_dim + j * stride_latent];
+    }
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t row = int64_t{rows[p]} * kTileWidth;
-      TileVec product = load_tile_row(unit_tile + row) * g0;
-      if (width1 > 0) product += load_tile_row(unit_tile1 + row) * g1;
-      products[pending++] = product;
-      if (pending == kTileWidth) {
-        const TileVec sums = load_tile_row(dots + first) + lane_sums(products);
-        __builtin_memcpy(dots + first, &sums, sizeof(sums));
-        first += kTileWidth;
+      prefetch_tile_row(tile, rows, p);
+      const float* row = tile + int64_t{rows[p]} * kTileWidth;
+      products[pending++] = (load_line(row) * g[0] + load_line(row + kLineFloats) * g[1]) +
+                            (load_line(row + 2 * kLineFloats) * g[2] + load_line(row + 3 * kLineFloats) * g[3]);
+      if (pending == kLineFloats) {
+        store_line(dots + first, load_line(dots + first) + lane_sums(products));
+        first += kLineFloats;
         pending = 0;
       }
     }
   }
   if (pending == 0) return;
-  for (int64_t i = pending; i < kTileWidth; ++i) products[i] = TileVec{};
-  const TileVec sums = lane_sums(products);
+  for (int64_t i = pending; i < kLineFloats; ++i) products[i] = LineVec{};
+  const LineVec sums = lane_sums(products);
   for (int64_t i = 0; i < pending; ++i) dots[first + i] += sums[i];
 }
 
@@ -227,53 +227,58 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   const float* v = values32.const_data_ptr<float>();
   const float* inv = inv_norm.const_data_ptr<float>();
 
+  TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz,
+                    "monoscore_stats_csr_backward: crow_indices must run from 0 to nnz=" + std::to_string(nnz));
+  for (const auto n : c10::irange(N)) {
+    TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], "monoscore_stats_csr_backward: crow_indices must be non-decreasing");
+  }
+
   // Ties: stored values equal to the extreme, plus the implicit zeros when the
-  // extreme is 0. Then the entries sorted by (row block, latent), as the forward
-  // kernel sorts them (the forward already refused out-of-range and repeated
-  // latents, so this pass does not look for them again).
-  const int64_t num_blocks = std::max<int64_t>(1, (N + kPairBlockRows - 1) / kPairBlockRows);
-  std::vector<double> min_ties(M, 0.0), max_ties(M, 0.0), stored(M, 0.0);
-  std::vector<int64_t> bucket_offsets(num_blocks * M + 1, 0);
+  // extreme is 0; counted per range of rows in parallel (the forward already
+  // refused repeated latents, so this pass does not look for them again).
+  std::vector<double> min_ties(M, 0.0), max_ties(M, 0.0);
   {
     const at::Tensor range = act_range.to(at::kFloat).contiguous();
     const float* lo = range.const_data_ptr<float>();
     const float* hi = lo + M;
-    for (const auto n : c10::irange(N)) {
-      for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-        const int64_t k = cols[e];
-        TORCH_CHECK_VALUE(k >= 0 && k < M, "monoscore_stats_csr_backward: col_indices must lie in [0, " +
-                                               std::to_string(M) + "), got " + std::to_string(k));
-        stored[k] += 1;
-        min_ties[k] += v[e] == lo[k];
-        max_ties[k] += v[e] == hi[k];
-        ++bucket_offsets[(n / kPairBlockRows) * M + k + 1];
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnz / kSortGrain));
+    std::vector<int64_t> part_counts(3 * parts * M, 0);  // per range: stored, min ties, max ties
+    at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        int64_t* stored = part_counts.data() + 3 * q * M;
+        int64_t* at_min = stored + M;
+        int64_t* at_max = stored + 2 * M;
+        for (int64_t e = crow[N * q / parts]; e < crow[N * (q + 1) / parts]; ++e) {
+          const int64_t k = cols[e];
+          TORCH_CHECK_VALUE(k >= 0 && k < M, "monoscore_stats_csr_backward: col_indices must lie in [0, " +
+                                                 std::to_string(M) + "), got " + std::to_string(k));
+          ++stored[k];
+          at_min[k] += v[e] == lo[k];
+          at_max[k] += v[e] == hi[k];
+        }
       }
-    }
+    });
     for (const auto k : c10::irange(M)) {
-      const double implicit_zeros = static_cast<double>(N) - stored[k];
-      if (lo[k] == 0.0f) min_ties[k] += implicit_zeros;
-      if (hi[k] == 0.0f) max_ties[k] += implicit_zeros;
+      int64_t stored = 0, at_min = 0, at_max = 0;
+      for (int64_t q = 0; q < parts; ++q) {
+        stored += part_counts[3 * q * M + k];
+        at_min += part_counts[(3 * q + 1) * M + k];
+        at_max += part_counts[(3 * q + 2) * M + k];
+      }
+      const int64_t implicit_zeros = N - stored;
+      min_ties[k] = static_cast<double>(at_min + (lo[k] == 0.0f ? implicit_zeros : 0));
+      max_ties[k] = static_cast<double>(at_max + (hi[k] == 0.0f ? implicit_zeros : 0));
     }
-    for (int64_t i = 0; i < num_blocks * M; ++i) bucket_offsets[i + 1] += bucket_offsets[i];
   }
   const LatentTerms terms = latent_terms(act_range, grad_moments, grad_range, min_ties, max_ties);
-  std::vector<int32_t> entry_rows(nnz);   // sorted position -> row within its block
-  std::vector<int64_t> entry_source(nnz); // sorted position -> index into values
-  {
-    std::vector<int64_t> next(bucket_offsets.begin(), bucket_offsets.end() - 1);
-    for (const auto n : c10::irange(N)) {
-      for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-        const int64_t pos = next[(n / kPairBlockRows) * M + cols[e]]++;
-        entry_rows[pos] = static_cast<int32_t>(n % kPairBlockRows);
-        entry_source[pos] = e;
-      }
-    }
-  }
 
+  // Block by block of rows: the entries sorted by latent, the block's tiles,
+  // then each thread's latents: their dot products tile by tile, then the
+  // per-entry terms.
   at::Tensor grad = at::empty({nnz}, values.options().dtype(at::kFloat));
-  std::vector<float> dots(nnz, 0.0f);  // sorted order
+  const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
-  const int64_t tile_rows = std::min(N, kPairBlockRows);
+  const int64_t tile_rows = std::min(N, kBlockRows);
   at::Tensor tiles = at::empty({num_tiles, tile_rows, kTileWidth}, emb32.options());
   const float* emb_ptr = emb32.const_data_ptr<float>();
   const float* g_ptr = grad32.const_data_ptr<float>();
@@ -281,24 +286,26 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   float* tiles_ptr = tiles.data_ptr<float>();
   float* out = grad.data_ptr<float>();
   const float* s = shift32.const_data_ptr<float>();
+  LatentOrder order;
+  std::vector<float> dots;  // sorted order
   for (int64_t block = 0; block < num_blocks; ++block) {
-    const int64_t row_base = block * kPairBlockRows, row_end = std::min(N, row_base + kPairBlockRows);
+    const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
+    sort_block_by_latent(crow, cols, row_base, row_end, M, order);
     at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
       unit_tiles(emb_ptr, inv, n0, n1, row_base, tile_rows, d, tiles_ptr, nullptr);
     });
-    const int64_t* offsets = bucket_offsets.data() + block * M;
+    dots.assign(order.source.size(), 0.0f);
+    const int64_t* offsets = order.offsets.data();
     at::parallel_for(0, M, kLatentGrain, [&](int64_t j0, int64_t j1) {
-      for (int64_t t = 0; t < num_tiles; t += 2) {
-        const int64_t width0 = std::min(kTileWidth, d - t * kTileWidth);
-        const int64_t width1 = std::max<int64_t>(0, std::min(kTileWidth, d - (t + 1) * kTileWidth));
-        add_tile_pair_dots(offsets, entry_rows.data(), tiles_ptr + t * tile_rows * kTileWidth,
-                           tile_rows * kTileWidth, g_ptr + t * kTileWidth * stride_dim, stride_dim, stride_latent,
-                           width0, width1, j0, j1, dots.data());
+      for (int64_t t = 0; t < num_tiles; ++t) {
+        add_tile_dots(offsets, order.rows.data(), tiles_ptr + t * tile_rows * kTileWidth,
+                      g_ptr + t * kTileWidth * stride_dim, stride_dim, stride_latent,
+                      std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots.data());
       }
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p = offsets[j]; p < offsets[j + 1]; ++p) {
-          const int64_t e = entry_source[p];
-          const bool zero_row = inv[row_base + entry_rows[p]] == 0.0f;
+          const int64_t e = order.source[p];
+          const bool zero_row = inv[row_base + order.rows[p]] == 0.0f;
           out[e] = dots[p] + entry_terms(terms, j, v[e], v[e] - s[j], zero_row);
         }
       }

@@ -2,21 +2,23 @@
 // the stored entries, then O(nnz·d) for cross. Entries not stored are
 // activations of 0, which add nothing to any sum taken with shift 0.
 //
-//  1. per latent: number of stored entries, their min and max (one pass);
-//     shift = 0 if the latent has an implicit zero in the batch, else its min.
-//  2. a counting sort of the entries by (row block, latent), rows ascending
-//     within each bucket since rows are visited in order, which also exposes a
-//     latent stored twice in a row; the float64 moments are summed on the way.
-//  3. cross, one block of kBlockRows rows at a time: the block's unit
-//     embeddings are regrouped into tiles of kTileWidth dims (one cache line
-//     per row, 1 MiB per tile: stays in L2), threads take whole tiles, and
-//     every latent sums Σ_e b_e·tile[row_e] over its entries in the block.
-//     Gathering whole embedding rows instead reads them from memory once per
-//     entry (about 2x slower at N=32768, M=16384, k=32, d=512 on the 2-core
-//     dev Xeon). The tiles take O(kBlockRows·d) memory whatever N is.
+//  1. per latent: number of stored entries, their min and max (one pass,
+//     parallel over row ranges, which also refuses out-of-range latents and a
+//     latent stored twice in a row); shift = 0 if the latent has an implicit
+//     zero in the batch, else its min.
+//  2. per block of kBlockRows rows (csr_tiles.h): the block's entries sorted by
+//     latent; per latent, in row order, b = a - shift and the float64 moments
+//     (so the sums do not depend on the number of threads); the block's unit
+//     embeddings cut into tiles of kTileWidth dims; then cross, each task one
+//     tile and a range of latents: every latent sums Σ_e b_e·tile[row_e] over
+//     its entries. Gathering whole embedding rows instead reads them from
+//     memory once per entry (about 2x slower at N=32768, M=16384, k=32, d=512
+//     on the 2-core dev Xeon). The tiles take O(kBlockRows·d) memory whatever
+//     N is.
 // cross is written latent-major ((M, d), returned transposed): each latent's
-// tile row is one cache line, where a (d, M) layout would take 16.
+// tile row is four adjacent cache lines, where a (d, M) layout would take 64.
 #include "../monoscore.h"
+#include "csr_tiles.h"
 #include "vectorize.h"
 
 #include <ATen/ATen.h>
@@ -39,38 +41,80 @@ namespace {
 constexpr int64_t kEntriesPerPartial = 64;
 // Rows per task when building the tiles.
 constexpr int64_t kRowGrain = 256;
+// Latents per task of the cross pass (tasks also split by tile, so that a
+// few tiles still keep every thread busy).
+constexpr int64_t kLatentsPerTask = 2048;
+
+// partial[l] = Σ_{p in [p0, p1)} weights[p] · tile[rows[p]] (line l of the row),
+// in float32; two entries at a time, so that consecutive entries do not wait on
+// one another's FMA latency.
+MONOLOSS_VECTOR_INLINE void tile_row_sums(const int32_t* __restrict__ rows, const float* __restrict__ weights,
+                                          const float* __restrict__ tile, int64_t p0, int64_t p1,
+                                          LineVec* partial) {
+  LineVec even[kTileLines] = {}, odd[kTileLines] = {};
+  int64_t p = p0;
+  for (; p + 2 <= p1; p += 2) {
+    prefetch_tile_row(tile, rows, p);
+    prefetch_tile_row(tile, rows, p + 1);
+    const float* row0 = tile + int64_t{rows[p]} * kTileWidth;
+    const float* row1 = tile + int64_t{rows[p + 1]} * kTileWidth;
+    for (int64_t l = 0; l < kTileLines; ++l) {
+      even[l] += weights[p] * load_line(row0 + l * kLineFloats);
+      odd[l] += weights[p + 1] * load_line(row1 + l * kLineFloats);
+    }
+  }
+  if (p < p1) {
+    const float* row = tile + int64_t{rows[p]} * kTileWidth;
+    for (int64_t l = 0; l < kTileLines; ++l) even[l] += weights[p] * load_line(row + l * kLineFloats);
+  }
+  for (int64_t l = 0; l < kTileLines; ++l) partial[l] = even[l] + odd[l];
+}
 
 // cross_t[j, t0:t0+width) for the latents [j0, j1), reading one tile of the
-// unit embeddings (N x kTileWidth).
+// block's unit embeddings; adds to what is there if `accumulate`.
 MONOLOSS_VECTOR_CLONES
 void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
                       const float* __restrict__ weights, const float* __restrict__ tile, int64_t j0,
                       int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width,
                       bool accumulate) {
   for (int64_t j = j0; j < j1; ++j) {
-    double total[kTileWidth] = {};
-    for (int64_t e0 = latent_offsets[j]; e0 < latent_offsets[j + 1]; e0 += kEntriesPerPartial) {
-      const int64_t e1 = std::min(e0 + kEntriesPerPartial, latent_offsets[j + 1]);
-      // kPartials = 4 independent sums, so consecutive entries do not wait on
-      // one another's FMA latency.
-      TileVec p0 = {}, p1 = {}, p2 = {}, p3 = {};
-      int64_t e = e0;
-      for (; e + 4 <= e1; e += 4) {
-        p0 += weights[e] * load_tile_row(tile + int64_t{rows[e]} * kTileWidth);
-        p1 += weights[e + 1] * load_tile_row(tile + int64_t{rows[e + 1]} * kTileWidth);
-        p2 += weights[e + 2] * load_tile_row(tile + int64_t{rows[e + 2]} * kTileWidth);
-        p3 += weights[e + 3] * load_tile_row(tile + int64_t{rows[e + 3]} * kTileWidth);
+    const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
+    if (accumulate && p0 == p1) continue;
+    LineVec sums[kTileLines];
+    if (p1 - p0 <= kEntriesPerPartial) {  // the common case: one float32 partial is the sum
+      tile_row_sums(rows, weights, tile, p0, p1, sums);
+    } else {
+      double total[kTileWidth] = {};
+      for (int64_t e0 = p0; e0 < p1; e0 += kEntriesPerPartial) {
+        LineVec partial[kTileLines];
+        tile_row_sums(rows, weights, tile, e0, std::min(e0 + kEntriesPerPartial, p1), partial);
+        for (int64_t i = 0; i < kTileWidth; ++i) total[i] += partial[i / kLineFloats][i % kLineFloats];
       }
-      for (; e < e1; ++e) p0 += weights[e] * load_tile_row(tile + int64_t{rows[e]} * kTileWidth);
-      const TileVec partial = (p0 + p1) + (p2 + p3);
-      for (int64_t i = 0; i < kTileWidth; ++i) total[i] += partial[i];
+      for (int64_t i = 0; i < kTileWidth; ++i) sums[i / kLineFloats][i % kLineFloats] = static_cast<float>(total[i]);
     }
     float* out_row = out + j * out_stride;
-    for (int64_t i = 0; i < width; ++i) {
-      out_row[i] = (accumulate ? out_row[i] : 0.0f) + static_cast<float>(total[i]);
+    if (width == kTileWidth) {
+      for (int64_t l = 0; l < kTileLines; ++l) {
+        float* line = out_row + l * kLineFloats;
+        store_line(line, accumulate ? load_line(line) + sums[l] : sums[l]);
+      }
+    } else {
+      for (int64_t i = 0; i < width; ++i) {
+        out_row[i] = (accumulate ? out_row[i] : 0.0f) + sums[i / kLineFloats][i % kLineFloats];
+      }
     }
   }
 }
+
+// Per latent, over a range of rows: stored entries, min, max, and the last row
+// that stored it (to refuse a latent stored twice in a row).
+struct LatentScan {
+  std::vector<int64_t> stored, last_row;
+  std::vector<float> min, max;
+  explicit LatentScan(int64_t M)
+      : stored(M, 0), last_row(M, -1), min(M, std::numeric_limits<float>::infinity()),
+        max(M, -std::numeric_limits<float>::infinity()) {}
+};
 
 }  // namespace
 
@@ -94,105 +138,111 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   const float* inv_norm = inv_norm_t.const_data_ptr<float>();
   TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz,
                     "monoscore_stats_csr: crow_indices must run from 0 to nnz=" + std::to_string(nnz));
+  for (const auto n : c10::irange(N)) {
+    TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], "monoscore_stats_csr: crow_indices must be non-decreasing");
+  }
 
-  // 1. Stored entries per latent, their min and max; the shift. Entries per
-  // (row block, latent) bucket; bucket_offsets becomes their exclusive scan.
-  const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
-  std::vector<int64_t> bucket_offsets(num_blocks * M + 1, 0);
-  std::vector<int64_t> stored(M, 0);
+  // 1. Stored entries per latent, their min and max; the shift.
   at::Tensor act_range = at::empty({2, M}, f32);
   at::Tensor shift = at::empty({M}, f32);
   {
-    float* act_min = act_range.select(0, 0).data_ptr<float>();
-    float* act_max = act_range.select(0, 1).data_ptr<float>();
-    std::fill_n(act_min, M, std::numeric_limits<float>::infinity());
-    std::fill_n(act_max, M, -std::numeric_limits<float>::infinity());
-    for (const auto n : c10::irange(N)) {
-      TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], "monoscore_stats_csr: crow_indices must be non-decreasing");
-      for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-        const int64_t j = cols[e];
-        TORCH_CHECK_VALUE(j >= 0 && j < M, "monoscore_stats_csr: col_indices must lie in [0, num_latents=" +
-                                               std::to_string(M) + "), got " + std::to_string(j));
-        const float a = static_cast<float>(vals[e]);
-        ++bucket_offsets[(n / kBlockRows) * M + j + 1];
-        ++stored[j];
-        act_min[j] = std::min(act_min[j], a);
-        act_max[j] = std::max(act_max[j], a);
-      }
-    }
-    float* shift_ptr = shift.data_ptr<float>();
-    for (const auto j : c10::irange(M)) {
-      const bool has_implicit_zero = stored[j] < N;
-      shift_ptr[j] = has_implicit_zero ? 0.0f : act_min[j];
-      if (has_implicit_zero) {
-        act_min[j] = std::min(act_min[j], 0.0f);
-        act_max[j] = std::max(act_max[j], 0.0f);
-      }
-    }
-    for (int64_t i = 0; i < num_blocks * M; ++i) bucket_offsets[i + 1] += bucket_offsets[i];
-  }
-
-  // 2. Counting sort by (row block, latent); moments; duplicate check.
-  std::vector<int32_t> entry_rows(nnz);
-  std::vector<float> entry_weights(nnz);  // b; the tiles hold unit embeddings
-  at::Tensor moments = at::zeros({4, M}, f64);
-  {
-    double* sum_b = moments.select(0, 0).data_ptr<double>();
-    double* sumsq_b = moments.select(0, 1).data_ptr<double>();
-    double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
-    double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
-    const float* shift_ptr = shift.const_data_ptr<float>();
-    std::vector<int64_t> next(bucket_offsets.begin(), bucket_offsets.end() - 1);
-    for (const auto n : c10::irange(N)) {
-      const int64_t first_bucket = (n / kBlockRows) * M;
-      for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-        const int64_t j = cols[e];
-        const int64_t pos = next[first_bucket + j]++;
-        TORCH_CHECK_VALUE(pos == bucket_offsets[first_bucket + j] || entry_rows[pos - 1] != n % kBlockRows,
-                          "acts stores latent " + std::to_string(j) + " twice in row " + std::to_string(n) +
-                              "; the latent indices of a row must be distinct (as torch.topk returns them)");
-        const double b = vals[e] - static_cast<double>(shift_ptr[j]);
-        entry_rows[pos] = static_cast<int32_t>(n % kBlockRows);  // the row within its block
-        entry_weights[pos] = static_cast<float>(b);
-        sum_b[j] += b;
-        sumsq_b[j] += b * b;
-        if (inv_norm[n] == 0.0f) {
-          zero_sum_b[j] += b;
-          zero_sumsq_b[j] += b * b;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnz / kSortGrain));
+    std::vector<LatentScan> scans;
+    for (int64_t p = 0; p < parts; ++p) scans.emplace_back(M);
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        LatentScan& scan = scans[p];
+        for (int64_t n = N * p / parts; n < N * (p + 1) / parts; ++n) {
+          for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
+            const int64_t j = cols[e];
+            TORCH_CHECK_VALUE(j >= 0 && j < M, "monoscore_stats_csr: col_indices must lie in [0, num_latents=" +
+                                                   std::to_string(M) + "), got " + std::to_string(j));
+            TORCH_CHECK_VALUE(scan.last_row[j] != n,
+                              "acts stores latent " + std::to_string(j) + " twice in row " + std::to_string(n) +
+                                  "; the latent indices of a row must be distinct (as torch.topk returns them)");
+            scan.last_row[j] = n;
+            const float a = static_cast<float>(vals[e]);
+            ++scan.stored[j];
+            scan.min[j] = std::min(scan.min[j], a);
+            scan.max[j] = std::max(scan.max[j], a);
+          }
         }
       }
+    });
+    float* act_min = act_range.select(0, 0).data_ptr<float>();
+    float* act_max = act_range.select(0, 1).data_ptr<float>();
+    float* shift_ptr = shift.data_ptr<float>();
+    for (const auto j : c10::irange(M)) {
+      int64_t stored = 0;
+      float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+      for (const LatentScan& scan : scans) {
+        stored += scan.stored[j];
+        lo = std::min(lo, scan.min[j]);
+        hi = std::max(hi, scan.max[j]);
+      }
+      const bool has_implicit_zero = stored < N;
+      shift_ptr[j] = has_implicit_zero ? 0.0f : lo;
+      act_min[j] = has_implicit_zero ? std::min(lo, 0.0f) : lo;
+      act_max[j] = has_implicit_zero ? std::max(hi, 0.0f) : hi;
     }
   }
 
-  // 3. cross, block by block of rows; each block's tiles, then one tile per thread.
+  // 2. Block by block of rows: the entries sorted by latent, their weights b
+  // and the moments, the block's tiles, then cross.
+  at::Tensor moments = at::zeros({4, M}, f64);
+  const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
+  const int64_t latent_tasks = std::max<int64_t>(1, (M + kLatentsPerTask - 1) / kLatentsPerTask);
   const int64_t tile_rows = std::min(N, kBlockRows);
   at::Tensor tiles = at::empty({num_tiles, tile_rows, kTileWidth}, f32);
   at::Tensor unit_emb_sum = at::zeros({d}, f64);
   at::Tensor cross_t = at::empty({M, d}, f32);
-  if (d > 0) {
-    const float* emb_ptr = emb32.const_data_ptr<float>();
-    float* tiles_ptr = tiles.data_ptr<float>();
-    float* cross_ptr = cross_t.data_ptr<float>();
-    std::mutex sum_mutex;
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
-      at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
-        std::vector<double> partial_sum(d, 0.0);
-        unit_tiles(emb_ptr, inv_norm, n0, n1, row_base, tile_rows, d, tiles_ptr, partial_sum.data());
-        const std::lock_guard<std::mutex> lock(sum_mutex);
-        double* sum_ptr = unit_emb_sum.data_ptr<double>();
-        for (int64_t i = 0; i < d; ++i) sum_ptr[i] += partial_sum[i];
-      });
-      if (M == 0) continue;
-      at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          latent_tile_sums(bucket_offsets.data() + block * M, entry_rows.data(), entry_weights.data(),
-                           tiles_ptr + t * tile_rows * kTileWidth, 0, M, cross_ptr + t * kTileWidth, d,
-                           std::min(kTileWidth, d - t * kTileWidth), /*accumulate=*/block > 0);
+  const float* emb_ptr = emb32.const_data_ptr<float>();
+  const float* shift_ptr = shift.const_data_ptr<float>();
+  float* tiles_ptr = tiles.data_ptr<float>();
+  float* cross_ptr = cross_t.data_ptr<float>();
+  double* sum_b = moments.select(0, 0).data_ptr<double>();
+  double* sumsq_b = moments.select(0, 1).data_ptr<double>();
+  double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
+  double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
+  LatentOrder order;
+  std::vector<float> weights;  // b of each sorted entry; the tiles hold unit embeddings
+  std::mutex sum_mutex;
+  for (int64_t block = 0; block < num_blocks; ++block) {
+    const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
+    sort_block_by_latent(crow, cols, row_base, row_end, M, order);
+    weights.resize(order.source.size());
+    at::parallel_for(0, M, kLatentsPerTask, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        for (int64_t p = order.offsets[j]; p < order.offsets[j + 1]; ++p) {
+          const double b = vals[order.source[p]] - static_cast<double>(shift_ptr[j]);
+          weights[p] = static_cast<float>(b);
+          sum_b[j] += b;
+          sumsq_b[j] += b * b;
+          if (inv_norm[row_base + order.rows[p]] == 0.0f) {
+            zero_sum_b[j] += b;
+            zero_sumsq_b[j] += b * b;
+          }
         }
-      });
-    }
+      }
+    });
+    if (d == 0) continue;
+    at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
+      std::vector<double> partial_sum(d, 0.0);
+      unit_tiles(emb_ptr, inv_norm, n0, n1, row_base, tile_rows, d, tiles_ptr, partial_sum.data());
+      const std::lock_guard<std::mutex> lock(sum_mutex);
+      double* sum_ptr = unit_emb_sum.data_ptr<double>();
+      for (int64_t i = 0; i < d; ++i) sum_ptr[i] += partial_sum[i];
+    });
+    at::parallel_for(0, num_tiles * latent_tasks, 1, [&](int64_t task0, int64_t task1) {
+      for (int64_t task = task0; task < task1; ++task) {
+        const int64_t t = task / latent_tasks, j0 = task % latent_tasks * kLatentsPerTask;
+        latent_tile_sums(order.offsets.data(), order.rows.data(), weights.data(),
+                         tiles_ptr + t * tile_rows * kTileWidth, j0, std::min(M, j0 + kLatentsPerTask),
+                         cross_ptr + t * kTileWidth, d, std::min(kTileWidth, d - t * kTileWidth),
+                         /*accumulate=*/block > 0);
+      }
+    });
   }
 
   const at::Tensor counts = at::stack({at::scalar_tensor(static_cast<double>(N), f64),
