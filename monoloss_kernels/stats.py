@@ -153,9 +153,13 @@ def shifted_sq_norms(cross: Tensor, unit_emb_sum: Tensor, delta: Tensor, scale: 
     unit_emb_sum (d,), delta, scale (M,) in cross's dtype.
 
     Each shifted column is divided by scale[k] (the latent's range) before it is
-    squared and summed in cross's dtype: then its entries are at most N in size, so
-    float32 squares cannot overflow whatever the activations' scale. The result
-    does not depend on scale, which gets no gradient.
+    squared: then its entries are at most N in size, so float32 squares cannot
+    overflow whatever the activations' scale. The result does not depend on scale,
+    which gets no gradient.
+
+    This plain-torch implementation serves every device; the extension replaces it
+    on the CPU (csrc/cpu/shifted_sq_norms_cpu.cpp: one pass, squares summed in
+    float64), as it does `shifted_sq_norms_backward`.
     """
     x, latent_major, chunks = _sq_norm_chunks(cross)
     buffer = x.new_empty((chunks[0].stop - chunks[0].start if chunks else 0, x.shape[1]))
@@ -176,42 +180,52 @@ def _(cross, unit_emb_sum, delta, scale):
     return cross.new_empty((cross.shape[1],), dtype=torch.float64)
 
 
-def _shifted_sq_norms_setup_context(ctx, inputs, output):
-    cross, unit_emb_sum, delta, _ = inputs
-    ctx.save_for_backward(cross, unit_emb_sum, delta)
-
-
-def _shifted_sq_norms_backward(ctx, grad_sq_norms):
-    """With c = cross - unit_emb_sum ⊗ delta: ∂/∂cross = 2 g c, ∂/∂unit_emb_sum =
-    -(2 g c) delta, ∂/∂delta = -unit_emb_sumᵀ (2 g c). One (d, M) result, in cross's
-    storage order, built and read chunk by chunk as in the forward."""
-    cross, unit_emb_sum, delta = ctx.saved_tensors
+@torch.library.custom_op("monoloss_kernels::shifted_sq_norms_backward", mutates_args=())
+def shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum: Tensor,
+                              delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `shifted_sq_norms` with respect to cross (in cross's storage
+    order), unit_emb_sum and delta. With c = cross - unit_emb_sum ⊗ delta and
+    g = grad_sq_norms: 2 g c, -(2 g c) delta and -unit_emb_sumᵀ (2 g c), one (d, M)
+    result built and read chunk by chunk as in the forward."""
     weight = (2 * grad_sq_norms).to(cross.dtype)  # (M,)
     x, latent_major, chunks = _sq_norm_chunks(cross)
     grad_x = torch.empty_like(x)
-    grad_unit_emb_sum = torch.zeros_like(unit_emb_sum) if ctx.needs_input_grad[1] else None
-    grad_delta = torch.zeros_like(delta) if ctx.needs_input_grad[2] else None
+    grad_unit_emb_sum = torch.zeros_like(unit_emb_sum, dtype=cross.dtype)
+    grad_delta = torch.zeros_like(delta, dtype=cross.dtype)
     for rows in chunks:
         part = grad_x[rows]
         if latent_major:
             torch.addr(x[rows], delta[rows], unit_emb_sum, alpha=-1, out=part)
             part.mul_(weight[rows, None])
-            if grad_unit_emb_sum is not None:
-                grad_unit_emb_sum -= delta[rows] @ part
-            if grad_delta is not None:
-                grad_delta[rows] = -(part @ unit_emb_sum)
+            grad_unit_emb_sum -= delta[rows] @ part
+            grad_delta[rows] = -(part @ unit_emb_sum)
         else:
             torch.addr(x[rows], unit_emb_sum[rows], delta, alpha=-1, out=part)
             part.mul_(weight)
-            if grad_unit_emb_sum is not None:
-                grad_unit_emb_sum[rows] = -(part @ delta)
-            if grad_delta is not None:
-                grad_delta -= unit_emb_sum[rows] @ part
-    grad_cross = grad_x.T if latent_major else grad_x
-    return (grad_cross if ctx.needs_input_grad[0] else None), grad_unit_emb_sum, grad_delta, None
+            grad_unit_emb_sum[rows] = -(part @ delta)
+            grad_delta -= unit_emb_sum[rows] @ part
+    return (grad_x.T if latent_major else grad_x), grad_unit_emb_sum, grad_delta
 
 
-shifted_sq_norms.register_autograd(_shifted_sq_norms_backward, setup_context=_shifted_sq_norms_setup_context)
+@shifted_sq_norms_backward.register_fake
+def _(grad_sq_norms, cross, unit_emb_sum, delta):
+    latent_major = not cross.is_contiguous() and cross.T.is_contiguous()
+    grad_cross = cross.new_empty(cross.shape[::-1]).T if latent_major else cross.new_empty(cross.shape)
+    return grad_cross, unit_emb_sum.new_empty(unit_emb_sum.shape, dtype=cross.dtype), \
+        delta.new_empty(delta.shape, dtype=cross.dtype)
+
+
+def _shifted_sq_norms_setup_context(ctx, inputs, output):
+    cross, unit_emb_sum, delta, _ = inputs
+    ctx.save_for_backward(cross, unit_emb_sum, delta)
+
+
+def _shifted_sq_norms_autograd(ctx, grad_sq_norms):
+    grads = torch.ops.monoloss_kernels.shifted_sq_norms_backward(grad_sq_norms, *ctx.saved_tensors)
+    return *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad)), None
+
+
+shifted_sq_norms.register_autograd(_shifted_sq_norms_autograd, setup_context=_shifted_sq_norms_setup_context)
 
 
 def row_inv_norm(emb: Tensor) -> Tensor:
