@@ -100,35 +100,35 @@ namespace {
 // Rows summed in float32 before their float64 total (as the dense kernel's chunks).
 constexpr int64_t kRowsPerPartial = 64;
 
-// Unit embedding rows [n0, n1) into the tiles (num_tiles, tile_rows, kTileWidth)
-// of the block starting at row_base, zero-padded past d; adds their column sums
-// into unit_sum (d, float64) unless it is null.
+// Tile t of the unit embeddings of rows [row_base, row_base + rows): their dims
+// [t·kTileWidth, (t + 1)·kTileWidth), zero past d, into `tile` (rows x
+// kTileWidth, 64-byte aligned so that a row is four cache lines). Adds the
+// tile's column sums into unit_sum (d, float64) unless it is null. Each thread
+// builds the tile it reads into its own buffer: the tile is then in that core's
+// L2 when the entries start reading it, and no all-tiles copy is written.
 MONOLOSS_VECTOR_CLONES
-void unit_tiles(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t n0, int64_t n1,
-                int64_t row_base, int64_t tile_rows, int64_t d, float* __restrict__ tiles,
-                double* __restrict__ unit_sum) {
-  const int64_t num_lines = (d + kLineFloats - 1) / kLineFloats, full_lines = d / kLineFloats;
-  const int64_t padded = (d + kTileWidth - 1) / kTileWidth * kTileWidth;
-  std::vector<float> partial(num_lines * kLineFloats);
-  for (int64_t r0 = n0; r0 < n1; r0 += kRowsPerPartial) {
-    std::fill(partial.begin(), partial.end(), 0.0f);
-    for (int64_t n = r0; n < std::min(r0 + kRowsPerPartial, n1); ++n) {
-      const float* row = emb + n * d;
-      for (int64_t dim = 0; dim < padded; dim += kLineFloats) {
-        const int64_t line = dim / kLineFloats;
+void build_unit_tile(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t row_base,
+                     int64_t rows, int64_t d, int64_t t, float* __restrict__ tile, double* __restrict__ unit_sum) {
+  const int64_t dim0 = t * kTileWidth, width = std::min(kTileWidth, d - dim0);
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPartial) {
+    LineVec partial[kTileLines] = {};
+    for (int64_t r = r0; r < std::min(r0 + kRowsPerPartial, rows); ++r) {
+      const float* src = emb + (row_base + r) * d + dim0;
+      const float scale = inv_norm[row_base + r];
+      for (int64_t l = 0; l < kTileLines; ++l) {
+        const int64_t line_width = width - l * kLineFloats;
         LineVec unit = {};
-        if (line < full_lines) {
-          unit = load_line(row + dim) * inv_norm[n];
+        if (line_width >= kLineFloats) {
+          unit = load_line(src + l * kLineFloats) * scale;
         } else {
-          for (int64_t i = 0; i < d - dim; ++i) unit[i] = row[dim + i] * inv_norm[n];
+          for (int64_t i = 0; i < line_width; ++i) unit[i] = src[l * kLineFloats + i] * scale;
         }
-        const int64_t tile = dim / kTileWidth;
-        store_line(tiles + (tile * tile_rows + n - row_base) * kTileWidth + dim % kTileWidth, unit);
-        if (line < num_lines) store_line(&partial[dim], load_line(&partial[dim]) + unit);
+        store_line(tile + r * kTileWidth + l * kLineFloats, unit);
+        partial[l] += unit;
       }
     }
     if (unit_sum == nullptr) continue;
-    for (int64_t i = 0; i < d; ++i) unit_sum[i] += partial[i];
+    for (int64_t i = 0; i < width; ++i) unit_sum[dim0 + i] += partial[i / kLineFloats][i % kLineFloats];
   }
 }
 

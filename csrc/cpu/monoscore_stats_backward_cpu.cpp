@@ -40,8 +40,6 @@ constexpr int64_t kLatentGrain = 256;
 // How many latents ahead the CSR backward fetches G's values (about a memory
 // latency's worth of latents at ~30 entries each).
 constexpr int64_t kPrefetchLatents = 8;
-// Rows per task when building the tiles of unit embeddings.
-constexpr int64_t kRowGrain = 256;
 
 // Per-latent coefficients of the elementwise terms, float32.
 struct LatentTerms {
@@ -272,35 +270,31 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   }
   const LatentTerms terms = latent_terms(act_range, grad_moments, grad_range, min_ties, max_ties);
 
-  // Block by block of rows: the entries sorted by latent, the block's tiles,
-  // then each thread's latents: their dot products tile by tile, then the
-  // per-entry terms.
+  // Block by block of rows: the entries sorted by latent, then each thread's
+  // latents: their dot products tile by tile (each thread builds each tile of
+  // the block), then the per-entry terms.
   at::Tensor grad = at::empty({nnz}, values.options().dtype(at::kFloat));
   const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   const int64_t tile_rows = std::min(N, kBlockRows);
-  at::Tensor tiles = at::empty({num_tiles, tile_rows, kTileWidth}, emb32.options());
   const float* emb_ptr = emb32.const_data_ptr<float>();
   const float* g_ptr = grad32.const_data_ptr<float>();
   const int64_t stride_dim = grad32.stride(0), stride_latent = grad32.stride(1);
-  float* tiles_ptr = tiles.data_ptr<float>();
   float* out = grad.data_ptr<float>();
   const float* s = shift32.const_data_ptr<float>();
   LatentOrder order;
   std::vector<float> dots;  // sorted order
   for (int64_t block = 0; block < num_blocks; ++block) {
-    const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
-    sort_block_by_latent(crow, cols, row_base, row_end, M, order);
-    at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
-      unit_tiles(emb_ptr, inv, n0, n1, row_base, tile_rows, d, tiles_ptr, nullptr);
-    });
+    const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
+    sort_block_by_latent(crow, cols, row_base, row_base + block_rows, M, order);
     dots.assign(order.source.size(), 0.0f);
     const int64_t* offsets = order.offsets.data();
     at::parallel_for(0, M, kLatentGrain, [&](int64_t j0, int64_t j1) {
+      at::Tensor tile = at::empty({tile_rows, kTileWidth}, emb32.options());
       for (int64_t t = 0; t < num_tiles; ++t) {
-        add_tile_dots(offsets, order.rows.data(), tiles_ptr + t * tile_rows * kTileWidth,
-                      g_ptr + t * kTileWidth * stride_dim, stride_dim, stride_latent,
-                      std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots.data());
+        build_unit_tile(emb_ptr, inv, row_base, block_rows, d, t, tile.data_ptr<float>(), nullptr);
+        add_tile_dots(offsets, order.rows.data(), tile.const_data_ptr<float>(), g_ptr + t * kTileWidth * stride_dim,
+                      stride_dim, stride_latent, std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots.data());
       }
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p = offsets[j]; p < offsets[j + 1]; ++p) {

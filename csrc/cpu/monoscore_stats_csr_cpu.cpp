@@ -8,10 +8,10 @@
 //     zero in the batch, else its min.
 //  2. per block of kBlockRows rows (csr_tiles.h): the block's entries sorted by
 //     latent; per latent, in row order, b = a - shift and the float64 moments
-//     (so the sums do not depend on the number of threads); the block's unit
-//     embeddings cut into tiles of kTileWidth dims; then cross, each task one
-//     tile and a range of latents: every latent sums Σ_e b_e·tile[row_e] over
-//     its entries. Gathering whole embedding rows instead reads them from
+//     (so the sums do not depend on the number of threads); then cross, each
+//     task one tile of the block's unit embeddings (kTileWidth dims) and a
+//     range of latents: every latent sums Σ_e b_e·tile[row_e] over its
+//     entries. Gathering whole embedding rows instead reads them from
 //     memory once per entry (about 2x slower at N=32768, M=16384, k=32, d=512
 //     on the 2-core dev Xeon). The tiles take O(kBlockRows·d) memory whatever
 //     N is.
@@ -29,7 +29,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -39,8 +38,6 @@ namespace {
 // Entries summed in float32 before joining the float64 total: keeps the
 // float32 rounding of a partial sum near 2^-24·sqrt(64).
 constexpr int64_t kEntriesPerPartial = 64;
-// Rows per task when building the tiles.
-constexpr int64_t kRowGrain = 256;
 // Latents per task of the cross pass (tasks also split by tile, so that a
 // few tiles still keep every thread busy).
 constexpr int64_t kLatentsPerTask = 2048;
@@ -188,29 +185,27 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   }
 
   // 2. Block by block of rows: the entries sorted by latent, their weights b
-  // and the moments, the block's tiles, then cross.
+  // and the moments, then cross.
   at::Tensor moments = at::zeros({4, M}, f64);
   const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   const int64_t latent_tasks = std::max<int64_t>(1, (M + kLatentsPerTask - 1) / kLatentsPerTask);
   const int64_t tile_rows = std::min(N, kBlockRows);
-  at::Tensor tiles = at::empty({num_tiles, tile_rows, kTileWidth}, f32);
   at::Tensor unit_emb_sum = at::zeros({d}, f64);
   at::Tensor cross_t = at::empty({M, d}, f32);
   const float* emb_ptr = emb32.const_data_ptr<float>();
   const float* shift_ptr = shift.const_data_ptr<float>();
-  float* tiles_ptr = tiles.data_ptr<float>();
   float* cross_ptr = cross_t.data_ptr<float>();
+  double* unit_sum_ptr = unit_emb_sum.data_ptr<double>();
   double* sum_b = moments.select(0, 0).data_ptr<double>();
   double* sumsq_b = moments.select(0, 1).data_ptr<double>();
   double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
   double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
   LatentOrder order;
   std::vector<float> weights;  // b of each sorted entry; the tiles hold unit embeddings
-  std::mutex sum_mutex;
   for (int64_t block = 0; block < num_blocks; ++block) {
-    const int64_t row_base = block * kBlockRows, row_end = std::min(N, row_base + kBlockRows);
-    sort_block_by_latent(crow, cols, row_base, row_end, M, order);
+    const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
+    sort_block_by_latent(crow, cols, row_base, row_base + block_rows, M, order);
     weights.resize(order.source.size());
     at::parallel_for(0, M, kLatentsPerTask, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
@@ -226,21 +221,22 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
         }
       }
     });
-    if (d == 0) continue;
-    at::parallel_for(row_base, row_end, kRowGrain, [&](int64_t n0, int64_t n1) {
-      std::vector<double> partial_sum(d, 0.0);
-      unit_tiles(emb_ptr, inv_norm, n0, n1, row_base, tile_rows, d, tiles_ptr, partial_sum.data());
-      const std::lock_guard<std::mutex> lock(sum_mutex);
-      double* sum_ptr = unit_emb_sum.data_ptr<double>();
-      for (int64_t i = 0; i < d; ++i) sum_ptr[i] += partial_sum[i];
-    });
+    // Tasks in (tile, latent range) order: a thread builds each tile of its
+    // range once, at the tile's first task; the task of a tile's first latent
+    // range also adds the tile's unit_emb_sum (so each dim is summed once).
     at::parallel_for(0, num_tiles * latent_tasks, 1, [&](int64_t task0, int64_t task1) {
+      at::Tensor tile = at::empty({tile_rows, kTileWidth}, f32);
+      int64_t built = -1;
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t t = task / latent_tasks, j0 = task % latent_tasks * kLatentsPerTask;
-        latent_tile_sums(order.offsets.data(), order.rows.data(), weights.data(),
-                         tiles_ptr + t * tile_rows * kTileWidth, j0, std::min(M, j0 + kLatentsPerTask),
-                         cross_ptr + t * kTileWidth, d, std::min(kTileWidth, d - t * kTileWidth),
-                         /*accumulate=*/block > 0);
+        if (t != built) {
+          build_unit_tile(emb_ptr, inv_norm, row_base, block_rows, d, t, tile.data_ptr<float>(),
+                          j0 == 0 ? unit_sum_ptr : nullptr);
+          built = t;
+        }
+        latent_tile_sums(order.offsets.data(), order.rows.data(), weights.data(), tile.const_data_ptr<float>(),
+                         j0, std::min(M, j0 + kLatentsPerTask), cross_ptr + t * kTileWidth, d,
+                         std::min(kTileWidth, d - t * kTileWidth), /*accumulate=*/block > 0);
       }
     });
   }
