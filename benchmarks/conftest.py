@@ -18,6 +18,7 @@ import json
 import math
 import platform
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,11 @@ OURS_PREFIX = "ours-"
 
 # group -> method -> record; filled by `measure`, read by pytest_terminal_summary.
 RECORDS_KEY = pytest.StashKey[dict]()
+# A method whose warm-up call is fast gets more rounds than asked for, so that its
+# median is taken over at least this many seconds of calls: three rounds of a 30 ms
+# call are at the mercy of one hiccup of a shared machine, three of a 2 s call are not.
+MIN_TIMED_S = 1.0
+MAX_ROUNDS = 200
 # What a profile or budget left out, with the reason: filled by `skip_point`.
 SKIPS_KEY = pytest.StashKey[list]()
 
@@ -129,6 +135,8 @@ def measure(benchmark, request):
     `warmup_rounds=0` is for calls so slow that one is all a profile can afford: the
     caller then checks the timed call's own result in `check_after`, a function called
     after timing whose dict (e.g. the max error) joins `extra_info` before recording.
+    `rounds` is a minimum: a fast method is timed over at least MIN_TIMED_S seconds
+    (the rounds it got are recorded).
     """
     records = request.config.stash[RECORDS_KEY]
 
@@ -147,6 +155,12 @@ def measure(benchmark, request):
 
         benchmark.group = group
         benchmark.extra_info.update(extra_info, method=method, group=group)
+        if warmup_rounds > 0:  # the first warm-up call, timed to size the rounds
+            start = time.perf_counter()
+            timed()
+            call_s = time.perf_counter() - start
+            rounds = max(rounds, min(MAX_ROUNDS, math.ceil(MIN_TIMED_S / max(call_s, 1e-9))))
+            warmup_rounds -= 1
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
         if check_after is not None:
             benchmark.extra_info.update(check_after())

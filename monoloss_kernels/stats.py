@@ -147,20 +147,9 @@ def _sq_norm_chunks(cross: Tensor):
     return x, latent_major, [slice(i, i + rows) for i in range(0, x.shape[0], rows)]
 
 
-@torch.library.custom_op("monoloss_kernels::shifted_sq_norms", mutates_args=())
-def shifted_sq_norms(cross: Tensor, unit_emb_sum: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
-    """(M,) float64: ‖cross[:, k] - unit_emb_sum · delta[k]‖², for cross (d, M) and
-    unit_emb_sum (d,), delta, scale (M,) in cross's dtype.
-
-    Each shifted column is divided by scale[k] (the latent's range) before it is
-    squared: then its entries are at most N in size, so float32 squares cannot
-    overflow whatever the activations' scale. The result does not depend on scale,
-    which gets no gradient.
-
-    This plain-torch implementation serves every device; the extension replaces it
-    on the CPU (csrc/cpu/shifted_sq_norms_cpu.cpp: one pass, squares summed in
-    float64), as it does `shifted_sq_norms_backward`.
-    """
+def torch_shifted_sq_norms(cross: Tensor, unit_emb_sum: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
+    """`shifted_sq_norms` in plain torch, for every device (the extension replaces it on
+    the CPU): chunk by chunk of cross's storage order, squares summed in cross's dtype."""
     x, latent_major, chunks = _sq_norm_chunks(cross)
     buffer = x.new_empty((chunks[0].stop - chunks[0].start if chunks else 0, x.shape[1]))
     sq_norms = torch.zeros(cross.shape[1], device=cross.device, dtype=torch.float64)
@@ -175,18 +164,9 @@ def shifted_sq_norms(cross: Tensor, unit_emb_sum: Tensor, delta: Tensor, scale: 
     return sq_norms * scale.double() ** 2
 
 
-@shifted_sq_norms.register_fake
-def _(cross, unit_emb_sum, delta, scale):
-    return cross.new_empty((cross.shape[1],), dtype=torch.float64)
-
-
-@torch.library.custom_op("monoloss_kernels::shifted_sq_norms_backward", mutates_args=())
-def shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum: Tensor,
-                              delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradients of `shifted_sq_norms` with respect to cross (in cross's storage
-    order), unit_emb_sum and delta. With c = cross - unit_emb_sum ⊗ delta and
-    g = grad_sq_norms: 2 g c, -(2 g c) delta and -unit_emb_sumᵀ (2 g c), one (d, M)
-    result built and read chunk by chunk as in the forward."""
+def torch_shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum: Tensor,
+                                    delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`shifted_sq_norms_backward` in plain torch, chunk by chunk as the forward."""
     weight = (2 * grad_sq_norms).to(cross.dtype)  # (M,)
     x, latent_major, chunks = _sq_norm_chunks(cross)
     grad_x = torch.empty_like(x)
@@ -207,12 +187,43 @@ def shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum
     return (grad_x.T if latent_major else grad_x), grad_unit_emb_sum, grad_delta
 
 
+@torch.library.custom_op("monoloss_kernels::shifted_sq_norms", mutates_args=())
+def shifted_sq_norms(cross: Tensor, unit_emb_sum: Tensor, delta: Tensor, scale: Tensor) -> Tensor:
+    """(M,) float64: ‖cross[:, k] - unit_emb_sum · delta[k]‖², for cross (d, M) and
+    unit_emb_sum (d,), delta, scale (M,) in cross's dtype.
+
+    Each shifted column is divided by scale[k] (the latent's range) before it is
+    squared: then its entries are at most N in size, so float32 squares cannot
+    overflow whatever the activations' scale. The result does not depend on scale,
+    which gets no gradient.
+
+    `torch_shifted_sq_norms` serves every device; the extension registers a CPU kernel
+    for this op and for `shifted_sq_norms_backward` that replaces it
+    (csrc/cpu/shifted_sq_norms_cpu.cpp: one pass over cross, squares summed in float64).
+    """
+    return torch_shifted_sq_norms(cross, unit_emb_sum, delta, scale)
+
+
+@shifted_sq_norms.register_fake
+def _(cross, unit_emb_sum, delta, scale):
+    return cross.new_empty((cross.shape[1],), dtype=torch.float64)
+
+
+@torch.library.custom_op("monoloss_kernels::shifted_sq_norms_backward", mutates_args=())
+def shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum: Tensor,
+                              delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `shifted_sq_norms` with respect to cross (in cross's storage
+    order), unit_emb_sum and delta, in cross's dtype. With c = cross - unit_emb_sum ⊗
+    delta and g = grad_sq_norms: 2 g c, -(2 g c) delta and -unit_emb_sumᵀ (2 g c)."""
+    return torch_shifted_sq_norms_backward(grad_sq_norms, cross, unit_emb_sum, delta)
+
+
 @shifted_sq_norms_backward.register_fake
 def _(grad_sq_norms, cross, unit_emb_sum, delta):
     latent_major = not cross.is_contiguous() and cross.T.is_contiguous()
     grad_cross = cross.new_empty(cross.shape[::-1]).T if latent_major else cross.new_empty(cross.shape)
-    return grad_cross, unit_emb_sum.new_empty(unit_emb_sum.shape, dtype=cross.dtype), \
-        delta.new_empty(delta.shape, dtype=cross.dtype)
+    return (grad_cross, unit_emb_sum.new_empty(unit_emb_sum.shape, dtype=cross.dtype),
+            delta.new_empty(delta.shape, dtype=cross.dtype))
 
 
 def _shifted_sq_norms_setup_context(ctx, inputs, output):

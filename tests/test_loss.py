@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import monoloss_kernels as mk
-from monoloss_kernels import _autograd
+from monoloss_kernels import _autograd, _extension
 from monoloss_kernels.stats import MonoScoreStats, finalize
 
 from .helpers import densify, free_port, make_acts, make_emb, make_topk, seed_of
@@ -222,14 +222,38 @@ def test_gradcheck_float64_topk():
     assert torch.autograd.gradcheck(loss, (values, emb), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+def _torch_shifted_sq_norms_function():
+    """shifted_sq_norms as differentiable torch functions: the implementation the op
+    runs on devices without a kernel of the extension (and on the CPU without _C)."""
+    from monoloss_kernels.stats import torch_shifted_sq_norms, torch_shifted_sq_norms_backward
+
+    class TorchShiftedSqNorms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, cross, unit_emb_sum, delta, scale):
+            ctx.save_for_backward(cross, unit_emb_sum, delta)
+            return torch_shifted_sq_norms(cross, unit_emb_sum, delta, scale)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return *torch_shifted_sq_norms_backward(grad, *ctx.saved_tensors), None
+
+    return TorchShiftedSqNorms.apply
+
+
+@pytest.mark.parametrize("implementation", ["op", "torch"])
 @pytest.mark.parametrize("layout", ["d_major", "latent_major"])
-def test_shifted_sq_norms_and_gradient(layout):
-    """finalize's ‖cross - ΣÊ δ‖² op, walked in chunks of either storage order, against
-    the plain formula in float64, values and gradients (through every input but scale)."""
+def test_shifted_sq_norms_and_gradient(layout, implementation):
+    """finalize's ‖cross - ΣÊ δ‖² op (on the CPU the extension's kernel) and its torch
+    implementation, in either storage order of cross, against the plain formula in
+    float64, values and gradients (through every input but scale)."""
     from monoloss_kernels.stats import shifted_sq_norms
 
+    if implementation == "op":
+        for op in ("shifted_sq_norms", "shifted_sq_norms_backward"):  # the kernels under test, if built
+            assert _extension.has_kernel("CPU", f"monoloss_kernels::{op}") == (_extension.EXTENSION_ERROR is None)
+    function = shifted_sq_norms if implementation == "op" else _torch_shifted_sq_norms_function()
     gen = torch.Generator().manual_seed(71)
-    d, m = 37, 3001  # more than one CPU chunk in either order
+    d, m = 37, 3001  # d not a multiple of the C++ lanes; more than one torch chunk in either order
     cross = torch.randn(d, m, generator=gen, dtype=torch.float64) * 50
     if layout == "latent_major":
         cross = cross.T.contiguous().T
@@ -238,15 +262,19 @@ def test_shifted_sq_norms_and_gradient(layout):
     scale = torch.rand(m, generator=gen, dtype=torch.float64) + 0.5
     inputs = [t.clone().requires_grad_() for t in (cross, unit_emb_sum, delta)]
     weights = torch.randn(m, generator=gen, dtype=torch.float64)
-    (shifted_sq_norms(*inputs, scale) * weights).sum().backward()
+    values = function(*inputs, scale)
+    (values * weights).sum().backward()
     leaves = [t.clone().requires_grad_() for t in (cross, unit_emb_sum, delta)]
     expected = (leaves[0] - leaves[1][:, None] * leaves[2][None, :]).square().sum(0)
     (expected * weights).sum().backward()
-    torch.testing.assert_close(shifted_sq_norms(cross, unit_emb_sum, delta, scale), expected.detach())
+    torch.testing.assert_close(values, expected.detach())
+    assert inputs[0].grad.stride() == cross.stride()  # in cross's storage order
     for ours, ref in zip(inputs, leaves):
         torch.testing.assert_close(ours.grad, ref.grad)
-    torch.library.opcheck(torch.ops.monoloss_kernels.shifted_sq_norms.default,
-                          (cross.float(), unit_emb_sum.float(), delta.float(), scale.float()))
+    if implementation == "op":
+        args = (cross.float(), unit_emb_sum.float(), delta.float())
+        torch.library.opcheck(torch.ops.monoloss_kernels.shifted_sq_norms.default, (*args, scale.float()))
+        torch.library.opcheck(torch.ops.monoloss_kernels.shifted_sq_norms_backward.default, (weights, *args))
 
 
 def _ddp_batch():
