@@ -13,7 +13,7 @@ in fused C++/CUDA and Triton kernels.
 
 from . import _autograd, reference, sae
 from ._dispatch import BACKENDS, available_backends
-from ._extension import ExtensionLoadWarning, build_info
+from ._extension import ExtensionLoadWarning, build_info, release_cpu_buffers
 from .accumulator import MonoScoreAccumulator
 from .dataset_loss import dataset_monoloss_backward
 from .loss import MonoLoss, monoloss
@@ -36,6 +36,7 @@ __all__ = [
     "monoloss",
     "monoscore",
     "reference",
+    "release_cpu_buffers",
     "sae",
 ]
 __version__ = "0.1.0"

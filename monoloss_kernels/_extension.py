@@ -109,6 +109,21 @@ def has_kernel(dispatch_key: str, op: str = STATS_OP) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
 
 
+def release_cpu_buffers() -> int:
+    """Frees the CPU memory the C++ kernels keep for reuse; returns how many bytes.
+
+    The kernels take their large buffers (the statistics' (M, d) `cross`, its gradient,
+    the dense backward's (N, M) result, the tiles of the sparse kernels) from a pool
+    that keeps up to 256 MiB of freed ones: a training loop allocates the same buffers
+    every step, and fresh memory costs a page fault per 4 KiB (about 5 ms of a 35 ms
+    TopK MonoLoss step at B=4096, M=8192, d=768). Call this when done training to
+    give that memory back; 0 without the extension.
+    """
+    if EXTENSION_ERROR is not None:
+        return 0
+    return torch.ops.monoloss_kernels.release_pooled_buffers()
+
+
 def build_info() -> dict:
     """How this installation was built and what it can run, for bug reports and checks.
 

@@ -10,7 +10,7 @@ import monoloss_kernels as mk
 from monoloss_kernels import _extension
 from monoloss_kernels.stats import MonoScoreStats, finalize
 
-from .helpers import BACKEND_DEVICES, DEVICES, make_acts, make_emb
+from .helpers import BACKEND_DEVICES, DEVICES, make_acts, make_emb, make_topk, seed_of
 
 STATS_OPS = {
     "cpu": torch.ops.monoloss_kernels.monoscore_stats,
@@ -121,3 +121,35 @@ def test_fake_shapes_csr():
         out = MonoScoreStats(*op(crow, cols, torch.empty(30, device="meta"), torch.empty(11, 5, device="meta"), 7))
         assert out.cross.shape == (5, 7) and out.cross.stride() == (1, 5)  # an (M, d) buffer, transposed
         assert out.unit_emb_sum.shape == (5,) and out.moments.shape == (4, 7) and out.act_range.shape == (2, 7)
+
+
+def test_pooled_cpu_buffers_are_reused_and_overwritten():
+    """The C++ CPU kernels take their large outputs from a pool of freed buffers
+    (csrc/cpu/buffer_pool.h, at least 1 MiB): the loss and its gradient are the same
+    when the pool hands back buffers filled with NaN, and the pool keeps buffers."""
+    gen = torch.Generator().manual_seed(seed_of("pooled buffers"))
+    n, m, k, d = 2051, 1031, 7, 263  # cross (m, d) float32: 1.03 MiB
+    values, indices = make_topk("relu", n, m, k, gen)
+    values = values.float().requires_grad_()
+    emb = make_emb("plain", n, d, gen).float()
+
+    def loss_and_grad():
+        values.grad = None
+        loss = mk.monoloss((values, indices), emb, num_latents=m, backend="cpu")
+        loss.backward()
+        return loss.detach(), values.grad.clone()
+
+    expected = loss_and_grad()
+    assert mk.release_cpu_buffers() > 0
+    # Poison: pooled outputs of both kernels that return one, filled with NaN and freed.
+    crow = torch.arange(n + 1) * k
+    cross = torch.ops.monoloss_kernels.monoscore_stats_csr(crow, indices.flatten(), values.detach().flatten(), emb,
+                                                           m)[0]
+    grad_cross = torch.ops.monoloss_kernels.shifted_sq_norms_backward(
+        torch.ones(m, dtype=torch.float64), cross, torch.zeros(d), torch.zeros(m))[0]
+    cross.fill_(float("nan"))
+    grad_cross.fill_(float("nan"))
+    del cross, grad_cross
+    for ours, ref in zip(loss_and_grad(), expected):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert mk.release_cpu_buffers() >= 2 * m * d * 4

@@ -21,6 +21,7 @@
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
 #include "../monoscore.h"
+#include "buffer_pool.h"
 #include "csr_tiles.h"
 #include "vectorize.h"
 
@@ -186,7 +187,7 @@ at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor
   }
   const LatentTerms terms = latent_terms(act_range, grad_moments, grad_range, min_ties, max_ties);
 
-  at::Tensor grad = at::empty({N, M}, acts.options().dtype(at::kFloat));
+  at::Tensor grad = pooled_empty({N, M}, acts.options().dtype(at::kFloat));
   at::mm_out(grad, emb.to(at::kFloat) * inv_norm.unsqueeze(1), g_cross);  // (N, d) @ (d, M)
   const float* s = shift32.const_data_ptr<float>();
   const float* inv = inv_norm.const_data_ptr<float>();
@@ -273,7 +274,7 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   // Block by block of rows: the entries sorted by latent, then each thread's
   // latents: their dot products tile by tile (each thread builds each tile of
   // the block), then the per-entry terms.
-  at::Tensor grad = at::empty({nnz}, values.options().dtype(at::kFloat));
+  at::Tensor grad = pooled_empty({nnz}, values.options().dtype(at::kFloat));
   const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   const int64_t tile_rows = std::min(N, kBlockRows);
@@ -290,7 +291,7 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
     dots.assign(order.source.size(), 0.0f);
     const int64_t* offsets = order.offsets.data();
     at::parallel_for(0, M, kLatentGrain, [&](int64_t j0, int64_t j1) {
-      at::Tensor tile = at::empty({tile_rows, kTileWidth}, emb32.options());
+      at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, emb32.options());
       for (int64_t t = 0; t < num_tiles; ++t) {
         build_unit_tile(emb_ptr, inv, row_base, block_rows, d, t, tile.data_ptr<float>(), nullptr);
         add_tile_dots(offsets, order.rows.data(), tile.const_data_ptr<float>(), g_ptr + t * kTileWidth * stride_dim,

@@ -18,6 +18,7 @@
 // cross is written latent-major ((M, d), returned transposed): each latent's
 // tile row is four adjacent cache lines, where a (d, M) layout would take 64.
 #include "../monoscore.h"
+#include "buffer_pool.h"
 #include "csr_tiles.h"
 #include "vectorize.h"
 
@@ -192,7 +193,7 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   const int64_t latent_tasks = std::max<int64_t>(1, (M + kLatentsPerTask - 1) / kLatentsPerTask);
   const int64_t tile_rows = std::min(N, kBlockRows);
   at::Tensor unit_emb_sum = at::zeros({d}, f64);
-  at::Tensor cross_t = at::empty({M, d}, f32);
+  at::Tensor cross_t = pooled_empty({M, d}, f32);
   const float* emb_ptr = emb32.const_data_ptr<float>();
   const float* shift_ptr = shift.const_data_ptr<float>();
   float* cross_ptr = cross_t.data_ptr<float>();
@@ -225,7 +226,7 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     // range once, at the tile's first task; the task of a tile's first latent
     // range also adds the tile's unit_emb_sum (so each dim is summed once).
     at::parallel_for(0, num_tiles * latent_tasks, 1, [&](int64_t task0, int64_t task1) {
-      at::Tensor tile = at::empty({tile_rows, kTileWidth}, f32);
+      at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, f32);
       int64_t built = -1;
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t t = task / latent_tasks, j0 = task % latent_tasks * kLatentsPerTask;

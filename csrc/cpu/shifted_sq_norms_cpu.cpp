@@ -13,6 +13,8 @@
 // kernels' (M, d) buffer, transposed) or dim-major (the dense kernels' (d, M)).
 // In torch the same takes 4 passes per L2-sized chunk forward and 5 backward
 // (~3x the time at d=768, M=8192).
+#include "buffer_pool.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -147,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_sq_norms_backward_cpu(con
                     "shifted_sq_norms_backward: grad_sq_norms must be (", M, ",), got ", grad_sq_norms.sizes());
   const bool latent_major = is_latent_major(cross);
   const at::Tensor x = latent_major ? cross.t() : cross.contiguous();
-  at::Tensor grad_x = at::empty_like(x);  // in x's (storage) order
+  at::Tensor grad_x = pooled_empty(x.sizes(), x.options());  // in x's (storage) order
   at::Tensor grad_delta = at::empty({M}, cross.options());
   at::Tensor grad_unit_emb_sum = at::empty({d}, cross.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, cross.scalar_type(), "shifted_sq_norms_backward", [&] {
