@@ -14,6 +14,7 @@
 // In torch the same takes 4 passes per L2-sized chunk forward and 5 backward
 // (~3x the time at d=768, M=8192).
 #include "buffer_pool.h"
+#include "vectorize.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -52,7 +53,7 @@ void check_inputs(const char* op, const at::Tensor& cross, const at::Tensor& uni
 
 // ‖(x - shift·u) / scale‖² of one latent-major row x (d values), squares summed in float64.
 template <typename scalar_t, typename acc_t>
-double row_sq_norm(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift, acc_t inv_scale) {
+MONOLOSS_VECTOR_INLINE double row_sq_norm(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift, acc_t inv_scale) {
   double lanes[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes) {
@@ -73,7 +74,7 @@ double row_sq_norm(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift,
 // One latent-major row: out = weight·(x - shift·u); partial_u -= shift·out;
 // returns uᵀ out.
 template <typename scalar_t, typename acc_t>
-acc_t row_backward(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift, acc_t weight, scalar_t* out,
+MONOLOSS_VECTOR_INLINE acc_t row_backward(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift, acc_t weight, scalar_t* out,
                    acc_t* partial_u) {
   acc_t lanes[kLanes] = {};
   int64_t i = 0;
@@ -96,6 +97,20 @@ acc_t row_backward(const scalar_t* x, const scalar_t* u, int64_t d, acc_t shift,
   acc_t total = 0;
   for (const acc_t lane : lanes) total += lane;
   return total;
+}
+
+// The two row loops for float32 (the cross of every kernel): overloads the
+// calls below pick for float, in AVX-512/AVX2 clones (the baseline build's SSE2
+// made the forward compute-bound, ~2x slower).
+MONOLOSS_VECTOR_CLONES
+double row_sq_norm(const float* x, const float* u, int64_t d, float shift, float inv_scale) {
+  return row_sq_norm<float, float>(x, u, d, shift, inv_scale);
+}
+
+MONOLOSS_VECTOR_CLONES
+float row_backward(const float* x, const float* u, int64_t d, float shift, float weight, float* out,
+                   float* partial_u) {
+  return row_backward<float, float>(x, u, d, shift, weight, out, partial_u);
 }
 
 at::Tensor shifted_sq_norms_cpu(const at::Tensor& cross, const at::Tensor& unit_emb_sum, const at::Tensor& delta,
@@ -121,7 +136,8 @@ at::Tensor shifted_sq_norms_cpu(const at::Tensor& cross, const at::Tensor& unit_
     at::parallel_for(0, M, kLatentGrain, [&](int64_t k0, int64_t k1) {
       if (latent_major) {
         for (int64_t k = k0; k < k1; ++k) {
-          out[k] = row_sq_norm(xp + k * d, u, d, static_cast<acc_t>(dl[k]), acc_t{1} / static_cast<acc_t>(sc[k]));
+          const acc_t shift = dl[k], inv_scale = acc_t{1} / static_cast<acc_t>(sc[k]);
+          out[k] = row_sq_norm(xp + k * d, u, d, shift, inv_scale);
         }
       } else {  // rows of x are dims: each latent's sum runs down a column, vectorised across latents
         for (const auto i : c10::irange(d)) {
@@ -174,8 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shifted_sq_norms_backward_cpu(con
         acc_t* pu = partial_u.data() + task * d;
         if (latent_major) {
           for (int64_t k = k0; k < k1; ++k) {
-            gdelta[k] = static_cast<scalar_t>(
-                -row_backward(xp + k * d, u, d, static_cast<acc_t>(dl[k]), static_cast<acc_t>(w[k]), gx + k * d, pu));
+            const acc_t shift = dl[k], weight = w[k];
+            gdelta[k] = static_cast<scalar_t>(-row_backward(xp + k * d, u, d, shift, weight, gx + k * d, pu));
           }
         } else {  // as in the forward, vectorised across latents
           std::vector<acc_t> dots(k1 - k0, acc_t{0});
