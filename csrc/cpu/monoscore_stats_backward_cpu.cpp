@@ -9,8 +9,9 @@
 //   CSR:   each stored entry gets ê[row] · G[:, latent] plus the same
 //          per-entry terms: O(nnz·d). The entries are sorted as the forward
 //          kernel sorts them -- by latent within blocks of rows (csr_tiles.h)
-//          -- so that each tile of the block's unit embeddings (64 dims, 2 MiB)
-//          stays in L2 while every latent's entries read it, and each latent
+//          -- so that each tile of the block's unit embeddings (64 dims, 2 MiB,
+//          built by the thread that reads it) stays in L2 while every latent's
+//          entries read it, and each latent
 //          reads its 64 values of G once per tile, whatever M is. Each thread
 //          owns a range of latents, and so a contiguous range of the sorted
 //          entries. Products are reduced 16 entries at a time (`lane_sums`).

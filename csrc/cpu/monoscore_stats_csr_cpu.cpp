@@ -13,8 +13,8 @@
 //     range of latents: every latent sums Σ_e b_e·tile[row_e] over its
 //     entries. Gathering whole embedding rows instead reads them from
 //     memory once per entry (about 2x slower at N=32768, M=16384, k=32, d=512
-//     on the 2-core dev Xeon). The tiles take O(kBlockRows·d) memory whatever
-//     N is.
+//     on the 2-core dev Xeon). Each thread builds the tiles it reads, one at a
+//     time: O(kBlockRows·kTileWidth) memory per thread whatever N and d are.
 // cross is written latent-major ((M, d), returned transposed): each latent's
 // tile row is four adjacent cache lines, where a (d, M) layout would take 64.
 #include "../monoscore.h"
