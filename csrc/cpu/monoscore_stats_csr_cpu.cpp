@@ -210,16 +210,23 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     weights.resize(order.source.size());
     at::parallel_for(0, M, kLatentsPerTask, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
+        // Local sums: weights[] may alias the moments as far as the compiler
+        // knows, which would send each += through memory.
+        double sum = 0, sumsq = 0, zero_sum = 0, zero_sumsq = 0;
         for (int64_t p = order.offsets[j]; p < order.offsets[j + 1]; ++p) {
           const double b = vals[order.source[p]] - static_cast<double>(shift_ptr[j]);
           weights[p] = static_cast<float>(b);
-          sum_b[j] += b;
-          sumsq_b[j] += b * b;
+          sum += b;
+          sumsq += b * b;
           if (inv_norm[row_base + order.rows[p]] == 0.0f) {
-            zero_sum_b[j] += b;
-            zero_sumsq_b[j] += b * b;
+            zero_sum += b;
+            zero_sumsq += b * b;
           }
         }
+        sum_b[j] += sum;
+        sumsq_b[j] += sumsq;
+        zero_sum_b[j] += zero_sum;
+        zero_sumsq_b[j] += zero_sumsq;
       }
     });
     // Tasks in (tile, latent range) order: a thread builds each tile of its
