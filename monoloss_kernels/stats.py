@@ -129,6 +129,12 @@ def finalize(stats: MonoScoreStats) -> Tensor:
     return score.to(dtype)
 
 
+def _is_latent_major(cross: Tensor) -> bool:
+    """Whether (d, M) `cross` is the transpose of a contiguous (M, d) buffer, as the
+    sparse kernels write it (the C++ kernels test the same)."""
+    return not cross.is_contiguous() and cross.T.is_contiguous()
+
+
 def _sq_norm_chunks(cross: Tensor):
     """How shifted_sq_norms walks `cross` (d, M): (x, latent_major, slices), x being
     cross's storage order as a contiguous matrix -- cross itself, or for the sparse
@@ -139,7 +145,7 @@ def _sq_norm_chunks(cross: Tensor):
     M=8192 the loss's finalize forward and backward went from ~36 ms to ~10 ms. Walking
     against the storage order was 30x slower still. On a GPU, one chunk: the whole matrix.
     """
-    latent_major = not cross.is_contiguous() and cross.T.is_contiguous()
+    latent_major = _is_latent_major(cross)
     x = cross.T if latent_major else cross.contiguous()
     rows = x.shape[0]
     if x.device.type == "cpu":
@@ -220,8 +226,7 @@ def shifted_sq_norms_backward(grad_sq_norms: Tensor, cross: Tensor, unit_emb_sum
 
 @shifted_sq_norms_backward.register_fake
 def _(grad_sq_norms, cross, unit_emb_sum, delta):
-    latent_major = not cross.is_contiguous() and cross.T.is_contiguous()
-    grad_cross = cross.new_empty(cross.shape[::-1]).T if latent_major else cross.new_empty(cross.shape)
+    grad_cross = cross.new_empty(cross.shape[::-1]).T if _is_latent_major(cross) else cross.new_empty(cross.shape)
     return (grad_cross, unit_emb_sum.new_empty(unit_emb_sum.shape, dtype=cross.dtype),
             delta.new_empty(delta.shape, dtype=cross.dtype))
 

@@ -15,6 +15,7 @@
 #include "vectorize.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -38,8 +39,22 @@ struct LatentOrder {
   std::vector<int64_t> source;   // each entry's index into col_indices and values
 };
 
-// Fewest entries per thread worth a parallel sort.
-constexpr int64_t kSortGrain = 16384;
+// Fewest entries per thread worth a parallel pass over the entries.
+constexpr int64_t kEntryPassGrain = 16384;
+
+// How many row ranges a parallel pass over `count` entries splits into.
+inline int64_t entry_pass_parts(int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count / kEntryPassGrain));
+}
+
+// Refuses a crow_indices that does not run from 0 to nnz in non-decreasing
+// steps: the kernels index the entries and split the rows by it.
+inline void check_crow(const int64_t* crow, int64_t N, int64_t nnz, const char* op) {
+  TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz, op, ": crow_indices must run from 0 to nnz=", nnz);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], op, ": crow_indices must be non-decreasing");
+  }
+}
 
 // A counting sort by latent, parallel over row ranges of about equal numbers of
 // entries: each range counts its latents, one scan over (latent, range) gives
@@ -49,7 +64,7 @@ constexpr int64_t kSortGrain = 16384;
 inline void sort_block_by_latent(const int64_t* crow, const int64_t* cols, int64_t row_begin, int64_t row_end,
                                  int64_t M, LatentOrder& order) {
   const int64_t first = crow[row_begin], count = crow[row_end] - first;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count / kSortGrain));
+  const int64_t parts = entry_pass_parts(count);
   std::vector<int64_t> part_rows(parts + 1, row_end);
   for (int64_t p = 0; p < parts; ++p) {
     part_rows[p] = std::lower_bound(crow + row_begin, crow + row_end, first + count * p / parts) - crow;

@@ -227,11 +227,7 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   const float* v = values32.const_data_ptr<float>();
   const float* inv = inv_norm.const_data_ptr<float>();
 
-  TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz,
-                    "monoscore_stats_csr_backward: crow_indices must run from 0 to nnz=" + std::to_string(nnz));
-  for (const auto n : c10::irange(N)) {
-    TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], "monoscore_stats_csr_backward: crow_indices must be non-decreasing");
-  }
+  check_crow(crow, N, nnz, "monoscore_stats_csr_backward");
 
   // Ties: stored values equal to the extreme, plus the implicit zeros when the
   // extreme is 0; counted per range of rows in parallel (the forward already
@@ -241,7 +237,7 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
     const at::Tensor range = act_range.to(at::kFloat).contiguous();
     const float* lo = range.const_data_ptr<float>();
     const float* hi = lo + M;
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnz / kSortGrain));
+    const int64_t parts = entry_pass_parts(nnz);
     std::vector<int64_t> part_counts(3 * parts * M, 0);  // per range: stored, min ties, max ties
     at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {

@@ -134,17 +134,13 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   const int64_t* cols = cols_t.const_data_ptr<int64_t>();
   const double* vals = values64.const_data_ptr<double>();
   const float* inv_norm = inv_norm_t.const_data_ptr<float>();
-  TORCH_CHECK_VALUE(crow[0] == 0 && crow[N] == nnz,
-                    "monoscore_stats_csr: crow_indices must run from 0 to nnz=" + std::to_string(nnz));
-  for (const auto n : c10::irange(N)) {
-    TORCH_CHECK_VALUE(crow[n] <= crow[n + 1], "monoscore_stats_csr: crow_indices must be non-decreasing");
-  }
+  check_crow(crow, N, nnz, "monoscore_stats_csr");
 
   // 1. Stored entries per latent, their min and max; the shift.
   at::Tensor act_range = at::empty({2, M}, f32);
   at::Tensor shift = at::empty({M}, f32);
   {
-    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nnz / kSortGrain));
+    const int64_t parts = entry_pass_parts(nnz);
     std::vector<LatentScan> scans;
     for (int64_t p = 0; p < parts; ++p) scans.emplace_back(M);
     at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
