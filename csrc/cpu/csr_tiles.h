@@ -12,6 +12,7 @@
 // latent and block) and 16384 (a 4 MiB tile leaves L2).
 #pragma once
 
+#include "buffer_pool.h"
 #include "vectorize.h"
 
 #include <ATen/Parallel.h>
@@ -19,6 +20,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <utility>
 #include <vector>
 
 namespace monoloss_kernels {
@@ -32,11 +35,16 @@ constexpr int64_t kBlockRows = 8192;
 constexpr int64_t kPrefetchEntries = 8;
 
 // The stored entries of rows [row_begin, row_end) sorted by latent, rows
-// ascending within a latent.
+// ascending within a latent, with their values. The per-entry arrays live in
+// pooled buffers (buffer_pool.h): fresh ones cost ~1200 page faults a call at
+// N=4096, k=64.
+template <typename value_t>
 struct LatentOrder {
   std::vector<int64_t> offsets;  // (M + 1): latent j's entries are [offsets[j], offsets[j + 1])
-  std::vector<int32_t> rows;     // each entry's row - row_begin; kPrefetchEntries more (0) for the prefetch
-  std::vector<int64_t> source;   // each entry's index into col_indices and values
+  int32_t* rows = nullptr;       // each entry's row - row_begin; kPrefetchEntries more (0) for the prefetch
+  int32_t* source = nullptr;     // each entry's index - crow[row_begin] into col_indices and values
+  value_t* values = nullptr;     // each entry's value
+  at::Tensor buffer;             // holds the three arrays
 };
 
 // Fewest entries per thread worth a parallel pass over the entries.
@@ -56,49 +64,118 @@ inline void check_crow(const int64_t* crow, int64_t N, int64_t nnz, const char* 
   }
 }
 
-// A counting sort by latent, parallel over row ranges of about equal numbers of
-// entries: each range counts its latents, one scan over (latent, range) gives
-// each range its place within every latent, and each range scatters its
-// entries there, so rows stay ascending whatever the number of threads. The
+// Latents per bucket of the sort's first scatter.
+constexpr int64_t kBucketLatents = 128;
+
+// Uninitialised arrays of count0 T0s, count1 T1s, ... in one pooled buffer,
+// each 64-byte aligned: returns the buffer and sets the pointers.
+template <typename... T>
+at::Tensor pooled_arrays(std::pair<T**, int64_t>... arrays) {
+  const auto aligned = [](int64_t bytes) { return (bytes + 63) / 64 * 64; };
+  const int64_t total = (aligned(arrays.second * int64_t{sizeof(T)}) + ... + 0);
+  at::Tensor buffer = pooled_empty({total}, at::TensorOptions().dtype(at::kByte));
+  uint8_t* next = buffer.data_ptr<uint8_t>();
+  ((*arrays.first = reinterpret_cast<T*>(next), next += aligned(arrays.second * int64_t{sizeof(T)})), ...);
+  return buffer;
+}
+
+// A counting sort by latent in two scatters, parallel over row ranges of about
+// equal numbers of entries. Scattering every entry straight to its latent's
+// place writes to M places at once, each write a cache miss (2.2 ms of the
+// 11 ms statistics at N=4096, M=8192, k=64 on the dev Xeon); here each range
+// first moves its entries, rows in order, to their bucket of kBucketLatents
+// latents (M / kBucketLatents write streams, which the cache holds), then each
+// bucket is scattered to its latents' places within its own cache-sized region.
+// Rows stay ascending within a latent whatever the number of threads. The
 // caller has checked that crow is non-decreasing and cols lie in [0, M).
-inline void sort_block_by_latent(const int64_t* crow, const int64_t* cols, int64_t row_begin, int64_t row_end,
-                                 int64_t M, LatentOrder& order) {
+template <typename value_t>
+void sort_block_by_latent(const int64_t* crow, const int64_t* cols, const value_t* values, int64_t row_begin,
+                          int64_t row_end, int64_t M, LatentOrder<value_t>& order) {
   const int64_t first = crow[row_begin], count = crow[row_end] - first;
+  TORCH_CHECK_VALUE(count < std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 stored entries per ",
+                    kBlockRows, " rows of acts");
   const int64_t parts = entry_pass_parts(count);
+  const int64_t num_buckets = (M + kBucketLatents - 1) / kBucketLatents;
   std::vector<int64_t> part_rows(parts + 1, row_end);
   for (int64_t p = 0; p < parts; ++p) {
     part_rows[p] = std::lower_bound(crow + row_begin, crow + row_end, first + count * p / parts) - crow;
   }
   part_rows[0] = row_begin;
-  std::vector<int64_t> cursor(parts * M, 0);  // per range: counts, then next positions
+
+  // Entries per latent and range; from them each latent's place, and where each
+  // range's entries start within each bucket.
+  std::vector<int64_t> latent_counts(parts * M, 0);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t* counts = cursor.data() + p * M;
+      int64_t* counts = latent_counts.data() + p * M;
       for (int64_t e = crow[part_rows[p]]; e < crow[part_rows[p + 1]]; ++e) ++counts[cols[e]];
     }
   });
   order.offsets.resize(M + 1);
+  std::vector<int64_t> bucket_next(parts * num_buckets);
   int64_t position = 0;
-  for (int64_t j = 0; j < M; ++j) {
-    order.offsets[j] = position;
+  for (int64_t b = 0; b < num_buckets; ++b) {
+    const int64_t j0 = b * kBucketLatents, j1 = std::min(M, j0 + kBucketLatents);
     for (int64_t p = 0; p < parts; ++p) {
-      const int64_t c = cursor[p * M + j];
-      cursor[p * M + j] = position;
-      position += c;
+      bucket_next[p * num_buckets + b] = position;
+      for (int64_t j = j0; j < j1; ++j) position += latent_counts[p * M + j];
     }
   }
+  position = 0;
+  for (int64_t j = 0; j < M; ++j) {
+    order.offsets[j] = position;
+    for (int64_t p = 0; p < parts; ++p) position += latent_counts[p * M + j];
+  }
   order.offsets[M] = position;
-  order.rows.assign(count + kPrefetchEntries, 0);
-  order.source.resize(count);
+
+  // One record per entry while staged: one write stream per bucket (separate
+  // arrays made four, and ran 1.3x slower).
+  struct Staged {
+    uint16_t latent;  // - the bucket's first latent
+    uint16_t row;     // - row_begin
+    int32_t source;
+    value_t value;
+  };
+  static_assert(kBucketLatents <= 65536 && kBlockRows <= 65536, "Staged holds both in 16 bits");
+  Staged* staged;
+  const at::Tensor staging = pooled_arrays(std::pair{&staged, count});
+  order.buffer = pooled_arrays(std::pair{&order.rows, count + kPrefetchEntries}, std::pair{&order.source, count},
+                               std::pair{&order.values, count});
+  std::fill(order.rows + count, order.rows + count + kPrefetchEntries, 0);
+
+  // 1. Each range's entries, rows in order, to their buckets.
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      int64_t* next = cursor.data() + p * M;
+      int64_t* next = bucket_next.data() + p * num_buckets;
       for (int64_t n = part_rows[p]; n < part_rows[p + 1]; ++n) {
         for (int64_t e = crow[n]; e < crow[n + 1]; ++e) {
-          const int64_t position = next[cols[e]]++;
-          order.rows[position] = static_cast<int32_t>(n - row_begin);
-          order.source[position] = e;
+          const int64_t bucket = cols[e] / kBucketLatents;
+          staged[next[bucket]++] = {static_cast<uint16_t>(cols[e] - bucket * kBucketLatents),
+                                    static_cast<uint16_t>(n - row_begin), static_cast<int32_t>(e - first), values[e]};
         }
+      }
+    }
+  });
+  // 2. Each bucket's entries, in the order staged, to their latents' places,
+  // which are fetched first: a bucket's places are one region, whose lines
+  // the scatter would otherwise fetch one miss at a time.
+  at::parallel_for(0, num_buckets, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> next(kBucketLatents);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t j0 = b * kBucketLatents, j1 = std::min(M, j0 + kBucketLatents);
+      const int64_t q0 = order.offsets[j0], q1 = order.offsets[j1];
+      for (int64_t q = q0; q < q1; q += kLineFloats) {  // 16 int32 a line
+        __builtin_prefetch(order.rows + q, 1);
+        __builtin_prefetch(order.source + q, 1);
+      }
+      for (int64_t q = q0; q < q1; q += 64 / int64_t{sizeof(value_t)}) __builtin_prefetch(order.values + q, 1);
+      std::copy(order.offsets.begin() + j0, order.offsets.begin() + j1, next.begin());
+      for (int64_t q = q0; q < q1; ++q) {
+        const Staged entry = staged[q];
+        const int64_t p = next[entry.latent]++;
+        order.rows[p] = entry.row;
+        order.source[p] = entry.source;
+        order.values[p] = entry.value;
       }
     }
   });

@@ -280,25 +280,27 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   const int64_t stride_dim = grad32.stride(0), stride_latent = grad32.stride(1);
   float* out = grad.data_ptr<float>();
   const float* s = shift32.const_data_ptr<float>();
-  LatentOrder order;
-  std::vector<float> dots;  // sorted order
+  LatentOrder<float> order;
   for (int64_t block = 0; block < num_blocks; ++block) {
     const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
-    sort_block_by_latent(crow, cols, row_base, row_base + block_rows, M, order);
-    dots.assign(order.source.size(), 0.0f);
+    sort_block_by_latent(crow, cols, v, row_base, row_base + block_rows, M, order);
+    const int64_t first = crow[row_base];
+    const at::Tensor dots_t = pooled_empty({order.offsets[M]}, emb32.options());
+    float* dots = dots_t.data_ptr<float>();  // sorted order
+    std::fill(dots, dots + order.offsets[M], 0.0f);
     const int64_t* offsets = order.offsets.data();
     at::parallel_for(0, M, kLatentGrain, [&](int64_t j0, int64_t j1) {
       at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, emb32.options());
       for (int64_t t = 0; t < num_tiles; ++t) {
         build_unit_tile(emb_ptr, inv, row_base, block_rows, d, t, tile.data_ptr<float>(), nullptr);
-        add_tile_dots(offsets, order.rows.data(), tile.const_data_ptr<float>(), g_ptr + t * kTileWidth * stride_dim,
-                      stride_dim, stride_latent, std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots.data());
+        add_tile_dots(offsets, order.rows, tile.const_data_ptr<float>(), g_ptr + t * kTileWidth * stride_dim,
+                      stride_dim, stride_latent, std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots);
       }
       for (int64_t j = j0; j < j1; ++j) {
         for (int64_t p = offsets[j]; p < offsets[j + 1]; ++p) {
-          const int64_t e = order.source[p];
+          const float a = order.values[p];
           const bool zero_row = inv[row_base + order.rows[p]] == 0.0f;
-          out[e] = dots[p] + entry_terms(terms, j, v[e], v[e] - s[j], zero_row);
+          out[first + order.source[p]] = dots[p] + entry_terms(terms, j, a, a - s[j], zero_row);
         }
       }
     });
