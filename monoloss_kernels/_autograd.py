@@ -251,6 +251,44 @@ def csr_setup_context(ctx, inputs, output):
     ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range)
 
 
+def loss_csr_setup_context(ctx, inputs, output):
+    crow_indices, col_indices, values, emb, num_latents = inputs
+    cross, unit_emb_sum, shift, act_range, _, _, _ = output
+    ctx.num_latents = num_latents
+    ctx.set_materialize_grads(False)  # None, not zeros, for the outputs the loss does not use (cross)
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum)
+
+
+def loss_csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts,
+                            grad_cross_sq_at_min):
+    """The backward of monoloss_stats_csr: ∂L/∂values in one kernel, which forms ∂L/∂cross
+    from cross and the gradient of cross_sq_at_min (cross's only use in finalize). A
+    gradient reaching cross itself (another use, or zeros under torch.compile, which
+    materialises the gradients of unused outputs) takes a second pass, the statistics
+    op's backward. No gradient for emb: the loss takes monoscore_stats_csr where emb
+    needs one (`_dispatch.loss_stats_function`)."""
+    if ctx.needs_input_grad[3]:
+        raise RuntimeError("monoloss_stats_csr gives no gradient for emb; for emb use monoscore_stats_csr")
+    if not ctx.needs_input_grad[2]:
+        return None, None, None, None, None
+    crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum = ctx.saved_tensors
+    num_latents = ctx.num_latents
+    grad_cross_sq_at_min, grad_moments, grad_range = _zeros_if_none(
+        (grad_cross_sq_at_min, grad_moments, grad_range), ((num_latents,), (4, num_latents), (2, num_latents)),
+        values.device,
+    )
+    grad_values = torch.ops.monoloss_kernels.monoloss_stats_csr_backward(
+        crow_indices, col_indices, values, emb, num_latents, shift, act_range, cross, unit_emb_sum,
+        grad_cross_sq_at_min, grad_moments, grad_range,
+    )
+    if grad_cross is not None:
+        no_grad = torch.zeros_like(grad_moments), torch.zeros_like(grad_range)
+        grad_values = grad_values + torch.ops.monoloss_kernels.monoscore_stats_csr_backward(
+            crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad_cross, *no_grad
+        )
+    return None, None, grad_values, None, None
+
+
 # Each statistics op and the kernel its backward computes ∂L/∂acts with.
 DENSE_STATS_OPS = {
     "monoloss_kernels::monoscore_stats": "cpp",
@@ -278,3 +316,6 @@ def register() -> None:
         for name, acts_grad_kernel in ops.items():
             if _exists(name):
                 torch.library.register_autograd(name, backwards[acts_grad_kernel], setup_context=setup_context)
+    if _exists(_extension.LOSS_CSR_STATS_OP):
+        torch.library.register_autograd(_extension.LOSS_CSR_STATS_OP, loss_csr_stats_backward,
+                                        setup_context=loss_csr_setup_context)

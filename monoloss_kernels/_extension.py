@@ -100,6 +100,9 @@ CSR_STATS_OP = "monoloss_kernels::monoscore_stats_csr"
 
 BACKWARD_OP = "monoloss_kernels::monoscore_stats_backward"
 CSR_BACKWARD_OP = "monoloss_kernels::monoscore_stats_csr_backward"
+# MonoLoss's CSR statistics with the squared norms at the minimum fused in (CPU).
+LOSS_CSR_STATS_OP = "monoloss_kernels::monoloss_stats_csr"
+LOSS_CSR_BACKWARD_OP = "monoloss_kernels::monoloss_stats_csr_backward"
 
 
 def has_kernel(dispatch_key: str, op: str = STATS_OP) -> bool:
@@ -176,4 +179,14 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake(CSR_BACKWARD_OP)
     def _monoscore_stats_csr_backward_fake(crow_indices, col_indices, values, emb, num_latents, shift, act_range,
                                            grad_cross, grad_moments, grad_range):
+        return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(LOSS_CSR_STATS_OP)
+    def _monoloss_stats_csr_fake(crow_indices, col_indices, values, emb, num_latents):
+        cross_sq_at_min = emb.new_empty((num_latents,), dtype=torch.float64)
+        return (*empty_stats_like(emb, emb, num_latents), cross_sq_at_min)
+
+    @torch.library.register_fake(LOSS_CSR_BACKWARD_OP)
+    def _monoloss_stats_csr_backward_fake(crow_indices, col_indices, values, emb, num_latents, shift, act_range,
+                                          cross, unit_emb_sum, grad_cross_sq_at_min, grad_moments, grad_range):
         return torch.empty_like(values, memory_format=torch.contiguous_format)

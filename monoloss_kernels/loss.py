@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import stats_function
+from ._dispatch import loss_stats_function, stats_function
 from ._validate import check_stats_finite, validate_acts
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift
 
@@ -51,9 +51,9 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         stats, num_rows = _all_reduce_stats(stats, acts, num_rows, group)
         scores = finalize(stats) if num_rows >= 2 else None
     elif num_rows >= 2:
-        stats = stats_function(backend, emb.device, sparse)(acts, emb)
+        stats, cross_sq_at_min = loss_stats_function(backend, emb.device, sparse, differentiable_emb)(acts, emb)
         check_stats_finite(stats, emb)
-        scores = finalize(stats)
+        scores = finalize(stats, cross_sq_at_min)
     else:
         scores = None
     if scores is None:  # N < 2: no pair, every score undefined

@@ -101,10 +101,11 @@ def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
     return stats._replace(cross=cross, shift=shift, moments=_reshift_moments(stats, delta))
 
 
-def finalize(stats: MonoScoreStats) -> Tensor:
+def finalize(stats: MonoScoreStats, cross_sq_at_min: Tensor | None = None) -> Tensor:
     """MonoScore per latent, (M,) in the dtype of `cross` (float32 from every kernel;
     float64 sums give float64 scores), NaN where undefined. Differentiable; never
-    writes into `stats`.
+    writes into `stats`. `cross_sq_at_min`: ‖Σ Ê (a - min)‖² per latent where a kernel
+    computed it with the statistics (see `_dispatch.loss_stats_function`), else None.
 
     Works at the shift b = a - min (= ã·(max - min)). ‖Σ Ê b‖² comes from
     `shifted_sq_norms`, which forms Σ Ê b = cross - δ ΣÊ in the precision of `cross`
@@ -117,10 +118,11 @@ def finalize(stats: MonoScoreStats) -> Tensor:
     dtype = stats.cross.dtype
     # A constant (no gradient: the result does not depend on it); 1 for constant latents.
     act_scale = torch.where(act_max > act_min, act_max - act_min, 1.0).detach().to(dtype)  # (M,)
-    cross_at_min_sq = torch.ops.monoloss_kernels.shifted_sq_norms(
-        stats.cross, stats.unit_emb_sum.to(dtype), delta.to(dtype), act_scale
-    )
-    numerator = cross_at_min_sq - (sumsq_a - zero_sumsq_a)
+    if cross_sq_at_min is None:
+        cross_sq_at_min = torch.ops.monoloss_kernels.shifted_sq_norms(
+            stats.cross, stats.unit_emb_sum.to(dtype), delta.to(dtype), act_scale
+        )
+    numerator = cross_sq_at_min - (sumsq_a - zero_sumsq_a)
     denominator = sum_a * sum_a - sumsq_a
     num_rows = stats.counts[0]
     defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)

@@ -87,6 +87,85 @@ def test_topk_loss_and_gradient(backend_device, case):
     check_grad(ours.grad.cpu(), ref_values.grad)
 
 
+requires_extension = pytest.mark.skipif(_extension.EXTENSION_ERROR is not None,
+                                        reason="the C++ extension did not load (its tests run wherever it is built)")
+
+
+@requires_extension
+@pytest.mark.parametrize("case", ["negative", "always_on_offset", "empty_rows"])
+def test_fused_cpu_topk_loss_over_row_blocks_and_tiles(case):
+    """The CPU TopK loss runs monoloss_stats_csr (squared norms fused into the cross
+    pass, ∂L/∂cross formed in the backward) over two 8192-row blocks and a partial
+    64-dim tile: with implicit zeros inside a latent's range ("negative": the minimum
+    lies below the shift 0), latents stored in every row (shift = min), stored zeros
+    tied with the implicit ones ("empty_rows"), ties at a signed minimum, and zero-norm
+    rows; against the float64 closed form."""
+    from monoloss_kernels._dispatch import _cpp_csr_loss_stats, loss_stats_function
+
+    assert _extension.has_kernel("CPU", _extension.LOSS_CSR_STATS_OP)
+    assert loss_stats_function("auto", torch.device("cpu"), sparse=True, emb_grad=False) is _cpp_csr_loss_stats
+    gen = torch.Generator().manual_seed(seed_of(case) + 3)
+    n, m, k, d = 8200, 37, 5, 70
+    values, indices = make_topk(case, n, m, k, gen)
+    values = values.float()
+    stored = indices == 2  # latent 2: its values below their median tie at its minimum
+    values[stored] = torch.where(values[stored] < values[stored].median(), values[stored].min(), values[stored])
+    # Zero-mean embeddings (and zero rows): make_emb's shared direction makes ‖ΣÊ‖ ~ N,
+    # and moving the sums from shift 0 to a minimum far below it ("negative") then
+    # cancels in float32 on every path (1.0-1.4e-4 of the largest gradient at this N).
+    emb = torch.randn(n, d, generator=gen)
+    emb[::5] = 0.0
+    ref_values = values.double().requires_grad_()
+    expected = reference_loss(densify(ref_values, indices, m), emb)
+    expected.backward()
+    ours = values.clone().requires_grad_()
+    loss = mk.monoloss((ours, indices), emb, num_latents=m, backend="cpu")
+    loss.backward()
+    assert abs(loss.item() - expected.item()) <= LOSS_ATOL
+    check_grad(ours.grad, ref_values.grad)
+    # The fused squared norms equal finalize's shifted_sq_norms of the same statistics.
+    crow = torch.arange(n + 1) * k
+    *stats, cross_sq_at_min = torch.ops.monoloss_kernels.monoloss_stats_csr(crow, indices.flatten(),
+                                                                            values.flatten(), emb, m)
+    stats = MonoScoreStats(*stats)
+    act_min, act_max = stats.act_range
+    delta = (act_min.double() - stats.shift.double()).float()
+    scale = torch.where(act_max > act_min, act_max - act_min, 1.0)
+    expected_sq = torch.ops.monoloss_kernels.shifted_sq_norms(stats.cross, stats.unit_emb_sum.float(), delta, scale)
+    torch.testing.assert_close(cross_sq_at_min, expected_sq, rtol=0, atol=1e-6 * expected_sq.abs().max().item())
+
+
+@requires_extension
+def test_fused_cpu_loss_stats_op():
+    """monoloss_stats_csr: schema, fake tensors, the registered backward (opcheck); its
+    backward op; a gradient through cross; and the gradient it refuses (for emb, which
+    the loss takes through monoscore_stats_csr instead)."""
+    gen = torch.Generator().manual_seed(67)
+    values, indices = make_topk("negative", 41, 23, 5, gen)
+    emb = make_emb("zero_dup", 41, 13, gen).float()
+    crow, cols = torch.arange(42) * 5, indices.flatten()
+    values = values.flatten().float().requires_grad_()
+    op = torch.ops.monoloss_kernels.monoloss_stats_csr
+    test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, (crow, cols, values, emb, 23), test_utils=test_utils)
+    out = op(crow, cols, values.detach(), emb, 23)
+    gradients = (torch.randn(23, dtype=torch.float64), torch.randn(4, 23, dtype=torch.float64), torch.randn(2, 23))
+    backward_args = (crow, cols, values.detach(), emb, 23, out[2], out[3], out[0], out[1], *gradients)
+    torch.library.opcheck(torch.ops.monoloss_kernels.monoloss_stats_csr_backward, backward_args,
+                          test_utils=test_utils)
+    # A gradient reaching cross itself (a second pass) and the moments, as the statistics op's.
+    weights = torch.randn(13, 23), torch.randn(4, 23, dtype=torch.float64)
+    grads = []
+    for stats_op in (op, torch.ops.monoloss_kernels.monoscore_stats_csr):
+        leaf = values.detach().clone().requires_grad_()
+        stats = MonoScoreStats(*stats_op(crow, cols, leaf, emb, 23)[:6])
+        ((stats.cross * weights[0]).sum() + (stats.moments * weights[1]).sum()).backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(*grads)
+    with pytest.raises(RuntimeError, match="for emb use monoscore_stats_csr"):
+        op(crow, cols, values, emb.clone().requires_grad_(), 23)[6].sum().backward()
+
+
 def test_emb_gradient(backend_device):
     backend, device = backend_device
     gen = torch.Generator().manual_seed(41)

@@ -194,14 +194,16 @@ constexpr int64_t kRowsPerPartial = 64;
 
 // Tile t of the unit embeddings of rows [row_base, row_base + rows): their dims
 // [t·kTileWidth, (t + 1)·kTileWidth), zero past d, into `tile` (rows x
-// kTileWidth, 64-byte aligned so that a row is four cache lines). Adds the
-// tile's column sums into unit_sum (d, float64) unless it is null. Each thread
-// builds the tile it reads into its own buffer: the tile is then in that core's
-// L2 when the entries start reading it, and no all-tiles copy is written.
+// kTileWidth, 64-byte aligned so that a row is four cache lines), and the
+// tile's column sums into tile_sum (kTileWidth float64, zero past d), unless it
+// is null. Each thread builds the tile it reads into its own buffer: the tile
+// is then in that core's L2 when the entries start reading it, and no
+// all-tiles copy is written.
 MONOLOSS_VECTOR_CLONES
 void build_unit_tile(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t row_base,
-                     int64_t rows, int64_t d, int64_t t, float* __restrict__ tile, double* __restrict__ unit_sum) {
+                     int64_t rows, int64_t d, int64_t t, float* __restrict__ tile, double* __restrict__ tile_sum) {
   const int64_t dim0 = t * kTileWidth, width = std::min(kTileWidth, d - dim0);
+  if (tile_sum != nullptr) std::fill(tile_sum, tile_sum + kTileWidth, 0.0);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPartial) {
     LineVec partial[kTileLines] = {};
     for (int64_t r = r0; r < std::min(r0 + kRowsPerPartial, rows); ++r) {
@@ -219,8 +221,8 @@ void build_unit_tile(const float* __restrict__ emb, const float* __restrict__ in
         partial[l] += unit;
       }
     }
-    if (unit_sum == nullptr) continue;
-    for (int64_t i = 0; i < width; ++i) unit_sum[dim0 + i] += partial[i / kLineFloats][i % kLineFloats];
+    if (tile_sum == nullptr) continue;
+    for (int64_t i = 0; i < width; ++i) tile_sum[i] += partial[i / kLineFloats][i % kLineFloats];
   }
 }
 

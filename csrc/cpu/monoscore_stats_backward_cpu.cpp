@@ -19,6 +19,12 @@
 //          and one L2-resident (M, 16) tile per thread, and ran 2x slower at
 //          N=4096, M=8192, k=64.
 //
+// MonoLoss's monoloss_stats_csr_backward is the CSR kernel with G formed from
+// cross as each latent's tile is read, G[:, j] = 2 g_j (cross[:, j] - δ_j
+// unit_emb_sum) for the gradient g of the fused squared norms (`CrossGrad`),
+// and the norm's gradient through δ (-unit_emb_sumᵀ G[:, j]) shared among the
+// ties at the minimum.
+//
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
 #include "../monoscore.h"
@@ -33,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 namespace monoloss_kernels {
@@ -78,11 +85,12 @@ LatentTerms latent_terms(const at::Tensor& act_range, const at::Tensor& grad_mom
   return t;
 }
 
-// The per-entry terms of one activation a (b = a - shift) of latent k.
-inline float entry_terms(const LatentTerms& t, int64_t k, float a, float b, bool zero_row) {
+// The per-entry terms of one activation a (b = a - shift) of latent k, whose
+// minimum's ties each get min_share.
+inline float entry_terms(const LatentTerms& t, int64_t k, float a, float b, bool zero_row, float min_share) {
   float g = t.sum[k] + b * t.sumsq[k];
   if (zero_row) g += t.zero_sum[k] + b * t.zero_sumsq[k];
-  if (a == t.min[k]) g += t.min_share[k];
+  if (a == t.min[k]) g += min_share;
   if (a == t.max[k]) g += t.max_share[k];
   return g;
 }
@@ -118,29 +126,60 @@ void add_terms_row(float* __restrict__ out, const float* __restrict__ a, const f
   }
 }
 
+// Where the CSR backward reads G = ∂L/∂cross, latent by latent: x itself (a
+// materialised grad_cross), or for MonoLoss's statistics
+// G[:, j] = weight[j] · (x[:, j] - delta[j] · unit_sum) with x = cross, formed
+// as each latent's tile is read, where a separate op would write all of G
+// (M x d) to memory and this kernel read it back.
+struct CrossGrad {
+  const float* x;  // G[i, j] (or cross) = x[i * stride_dim + j * stride_latent]
+  int64_t stride_dim, stride_latent;
+  const float* unit_sum = nullptr;  // (d,) float32, or null: G = x
+  const float* delta = nullptr;     // (M,)
+  const float* weight = nullptr;    // (M,)
+};
+
 // dots[p] += ê[rows[p]] · g over one tile for the sorted entries p of latents
 // [j0, j1) in one row block, g being latent j's kTileWidth values of G there
-// (G[dim0 + i, j] = grad[i * stride_dim + j * stride_latent] for i < width, 0
-// past it, where the tile is zero too).
+// (dims [dim0, dim0 + width), zero past them, where the tile is zero too);
+// unless unit_dots is null, also unit_dots[j] += unit_sumᵀ g (G formed from
+// cross), for every latent, entries or not.
 MONOLOSS_VECTOR_CLONES
 void add_tile_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
-                   const float* __restrict__ tile, const float* __restrict__ grad, int64_t stride_dim,
-                   int64_t stride_latent, int64_t width, int64_t j0, int64_t j1, float* __restrict__ dots) {
-  const bool contiguous = stride_dim == 1 && width == kTileWidth;
+                   const float* __restrict__ tile, const CrossGrad& grad, int64_t dim0, int64_t width, int64_t j0,
+                   int64_t j1, float* __restrict__ dots, double* __restrict__ unit_dots) {
+  const bool contiguous = grad.stride_dim == 1 && width == kTileWidth;
+  const float* x = grad.x + dim0 * grad.stride_dim;
+  const bool formed = grad.unit_sum != nullptr;
+  LineVec unit[kTileLines] = {};  // this tile's dims of unit_sum, zero past width
+  if (formed) {
+    for (int64_t i = 0; i < width; ++i) unit[i / kLineFloats][i % kLineFloats] = grad.unit_sum[dim0 + i];
+  }
   LineVec products[kLineFloats];
   int64_t pending = 0, first = latent_offsets[j0];  // products[0, pending) belong to dots[first, ...)
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
-    if (p0 == p1) continue;
+    if (p0 == p1 && unit_dots == nullptr) continue;
     // With G latent-major, each latent's values sit a page apart: fetch ahead,
     // as the hardware prefetcher does not cross pages.
-    const float* ahead = grad + std::min(j + kPrefetchLatents, j1 - 1) * stride_latent;
-    for (int64_t l = 0; l < kTileLines; ++l) __builtin_prefetch(ahead + l * kLineFloats * stride_dim);
+    const float* ahead = x + std::min(j + kPrefetchLatents, j1 - 1) * grad.stride_latent;
+    for (int64_t l = 0; l < kTileLines; ++l) __builtin_prefetch(ahead + l * kLineFloats * grad.stride_dim);
     LineVec g[kTileLines] = {};
     if (contiguous) {
-      for (int64_t l = 0; l < kTileLines; ++l) g[l] = load_line(grad + j * stride_latent + l * kLineFloats);
+      for (int64_t l = 0; l < kTileLines; ++l) g[l] = load_line(x + j * grad.stride_latent + l * kLineFloats);
     } else {
-      for (int64_t i = 0; i < width; ++i) g[i / kLineFloats][i % kLineFloats] = grad[i * stride_dim + j * stride_latent];
+      for (int64_t i = 0; i < width; ++i) {
+        g[i / kLineFloats][i % kLineFloats] = x[i * grad.stride_dim + j * grad.stride_latent];
+      }
+    }
+    if (formed) {
+      for (int64_t l = 0; l < kTileLines; ++l) g[l] = grad.weight[j] * (g[l] - grad.delta[j] * unit[l]);
+    }
+    if (unit_dots != nullptr) {
+      const LineVec products = (unit[0] * g[0] + unit[1] * g[1]) + (unit[2] * g[2] + unit[3] * g[3]);
+      float sum = 0;
+      for (int64_t i = 0; i < kLineFloats; ++i) sum += products[i];
+      unit_dots[j] += sum;
     }
     for (int64_t p = p0; p < p1; ++p) {
       prefetch_tile_row(tile, rows, p);
@@ -205,29 +244,26 @@ at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor
   return grad.to(acts.scalar_type());
 }
 
-at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                                            const at::Tensor& values, const at::Tensor& emb,
-                                            int64_t num_latents, const at::Tensor& shift,
-                                            const at::Tensor& act_range, const at::Tensor& grad_cross,
-                                            const at::Tensor& grad_moments, const at::Tensor& grad_range) {
-  check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
-  check_backward_inputs("monoscore_stats_csr_backward", emb, num_latents, emb.size(1), shift, act_range,
-                        grad_cross, grad_moments, grad_range);
+namespace {
+
+// The CSR backward of both statistics ops: G from `grad` (see CrossGrad),
+// whose x has been checked to be (d, M) float32.
+at::Tensor csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices, const at::Tensor& values,
+                            const at::Tensor& emb, int64_t num_latents, const at::Tensor& shift,
+                            const at::Tensor& act_range, const CrossGrad& grad, const at::Tensor& grad_moments,
+                            const at::Tensor& grad_range, const char* op) {
   const int64_t N = emb.size(0), d = emb.size(1), M = num_latents, nnz = values.size(0);
   const at::Tensor inv_norm = row_inv_norm(emb);
   const at::Tensor emb32 = emb.to(at::kFloat).contiguous();
   const at::Tensor crow_t = crow_indices.contiguous(), cols_t = col_indices.contiguous();
   const at::Tensor values32 = values.to(at::kFloat).contiguous();
   const at::Tensor shift32 = shift.to(at::kFloat).contiguous();
-  // Any layout: the forward's cross is the transpose of an (M, d) buffer, and so
-  // may be its gradient.
-  const at::Tensor grad32 = grad_cross.to(at::kFloat);
   const int64_t* crow = crow_t.const_data_ptr<int64_t>();
   const int64_t* cols = cols_t.const_data_ptr<int64_t>();
   const float* v = values32.const_data_ptr<float>();
   const float* inv = inv_norm.const_data_ptr<float>();
 
-  check_crow(crow, N, nnz, "monoscore_stats_csr_backward");
+  check_crow(crow, N, nnz, op);
 
   // Ties: stored values equal to the extreme, plus the implicit zeros when the
   // extreme is 0; counted per range of rows in parallel (the forward already
@@ -246,7 +282,7 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
         int64_t* at_max = stored + 2 * M;
         for (int64_t e = crow[N * q / parts]; e < crow[N * (q + 1) / parts]; ++e) {
           const int64_t k = cols[e];
-          TORCH_CHECK_VALUE(k >= 0 && k < M, "monoscore_stats_csr_backward: col_indices must lie in [0, " +
+          TORCH_CHECK_VALUE(k >= 0 && k < M, std::string(op) + ": col_indices must lie in [0, " +
                                                  std::to_string(M) + "), got " + std::to_string(k));
           ++stored[k];
           at_min[k] += v[e] == lo[k];
@@ -271,14 +307,15 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   // Block by block of rows: the entries sorted by latent, then each thread's
   // latents: their dot products tile by tile (each thread builds each tile of
   // the block), then the per-entry terms.
-  at::Tensor grad = pooled_empty({nnz}, values.options().dtype(at::kFloat));
+  at::Tensor grad_values = pooled_empty({nnz}, values.options().dtype(at::kFloat));
   const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   const int64_t tile_rows = std::min(N, kBlockRows);
   const float* emb_ptr = emb32.const_data_ptr<float>();
-  const float* g_ptr = grad32.const_data_ptr<float>();
-  const int64_t stride_dim = grad32.stride(0), stride_latent = grad32.stride(1);
-  float* out = grad.data_ptr<float>();
+  float* out = grad_values.data_ptr<float>();
+  // With G formed from cross: unit_sumᵀ G[:, j], the gradient of the squared norm
+  // through the shift to the minimum, shared among the minimum's ties.
+  std::vector<double> unit_dots(grad.unit_sum != nullptr ? M : 0, 0.0);
   const float* s = shift32.const_data_ptr<float>();
   LatentOrder<float> order;
   for (int64_t block = 0; block < num_blocks; ++block) {
@@ -293,24 +330,79 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
       at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, emb32.options());
       for (int64_t t = 0; t < num_tiles; ++t) {
         build_unit_tile(emb_ptr, inv, row_base, block_rows, d, t, tile.data_ptr<float>(), nullptr);
-        add_tile_dots(offsets, order.rows, tile.const_data_ptr<float>(), g_ptr + t * kTileWidth * stride_dim,
-                      stride_dim, stride_latent, std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots);
+        add_tile_dots(offsets, order.rows, tile.const_data_ptr<float>(), grad, t * kTileWidth,
+                      std::min(kTileWidth, d - t * kTileWidth), j0, j1, dots,
+                      unit_dots.empty() || block > 0 ? nullptr : unit_dots.data());  // once per latent
       }
       for (int64_t j = j0; j < j1; ++j) {
+        float min_share = terms.min_share[j];
+        if (!unit_dots.empty() && min_ties[j] > 0) min_share -= static_cast<float>(unit_dots[j] / min_ties[j]);
         for (int64_t p = offsets[j]; p < offsets[j + 1]; ++p) {
           const float a = order.values[p];
           const bool zero_row = inv[row_base + order.rows[p]] == 0.0f;
-          out[first + order.source[p]] = dots[p] + entry_terms(terms, j, a, a - s[j], zero_row);
+          out[first + order.source[p]] = dots[p] + entry_terms(terms, j, a, a - s[j], zero_row, min_share);
         }
       }
     });
   }
-  return grad.to(values.scalar_type());
+  return grad_values.to(values.scalar_type());
 }
+
+}  // namespace
+
+at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                            const at::Tensor& values, const at::Tensor& emb,
+                                            int64_t num_latents, const at::Tensor& shift,
+                                            const at::Tensor& act_range, const at::Tensor& grad_cross,
+                                            const at::Tensor& grad_moments, const at::Tensor& grad_range) {
+  check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
+  check_backward_inputs("monoscore_stats_csr_backward", emb, num_latents, emb.size(1), shift, act_range,
+                        grad_cross, grad_moments, grad_range);
+  // Any layout: the forward's cross is the transpose of an (M, d) buffer, and so
+  // may be its gradient.
+  const at::Tensor grad32 = grad_cross.to(at::kFloat);
+  const CrossGrad grad{grad32.const_data_ptr<float>(), grad32.stride(0), grad32.stride(1)};
+  return csr_backward_cpu(crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad, grad_moments,
+                          grad_range, "monoscore_stats_csr_backward");
+}
+
+at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                           const at::Tensor& values, const at::Tensor& emb, int64_t num_latents,
+                                           const at::Tensor& shift, const at::Tensor& act_range,
+                                           const at::Tensor& cross, const at::Tensor& unit_emb_sum,
+                                           const at::Tensor& grad_cross_sq_at_min, const at::Tensor& grad_moments,
+                                           const at::Tensor& grad_range) {
+  const char* op = "monoloss_stats_csr_backward";
+  check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
+  const int64_t d = emb.size(1), M = num_latents;
+  TORCH_CHECK_VALUE(cross.dim() == 2 && cross.size(0) == d && cross.size(1) == M, op,
+                    ": cross must have shape (d, num_latents)");
+  TORCH_CHECK_VALUE(unit_emb_sum.dim() == 1 && unit_emb_sum.size(0) == d, op, ": unit_emb_sum must have shape (d,)");
+  TORCH_CHECK_VALUE(grad_cross_sq_at_min.dim() == 1 && grad_cross_sq_at_min.size(0) == M, op,
+                    ": grad_cross_sq_at_min must have shape (num_latents,)");
+  for (const at::Tensor* t : {&unit_emb_sum, &grad_cross_sq_at_min}) {
+    TORCH_CHECK_VALUE(t->device() == emb.device() && at::isFloatingType(t->scalar_type()), op,
+                      ": unit_emb_sum and grad_cross_sq_at_min must be floating point, on emb's device");
+  }
+  check_backward_inputs(op, emb, M, d, shift, act_range, cross, grad_moments, grad_range);
+  // As finalize passes them to shifted_sq_norms: float32 unit_emb_sum and
+  // delta = act_min - shift; the squared norm's gradient is 2 g c.
+  const at::Tensor cross32 = cross.to(at::kFloat);
+  const at::Tensor unit32 = unit_emb_sum.to(at::kFloat).contiguous();
+  const at::Tensor delta = (act_range.select(0, 0).to(at::kDouble) - shift.to(at::kDouble)).to(at::kFloat).contiguous();
+  const at::Tensor weight = (2 * grad_cross_sq_at_min).to(at::kFloat).contiguous();
+  const CrossGrad grad{cross32.const_data_ptr<float>(), cross32.stride(0), cross32.stride(1),
+                       unit32.const_data_ptr<float>(), delta.const_data_ptr<float>(), weight.const_data_ptr<float>()};
+  return csr_backward_cpu(crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad, grad_moments,
+                          grad_range, op);
+}
+
+
 
 TORCH_LIBRARY_IMPL(monoloss_kernels, CPU, m) {
   m.impl("monoscore_stats_backward", &monoscore_stats_backward_cpu);
   m.impl("monoscore_stats_csr_backward", &monoscore_stats_csr_backward_cpu);
+  m.impl("monoloss_stats_csr_backward", &monoloss_stats_csr_backward_cpu);
 }
 
 }  // namespace monoloss_kernels

@@ -17,6 +17,12 @@
 //     time: O(kBlockRows·kTileWidth) memory per thread whatever N and d are.
 // cross is written latent-major ((M, d), returned transposed): each latent's
 // tile row is four adjacent cache lines, where a (d, M) layout would take 64.
+//
+// MonoLoss's op monoloss_stats_csr runs the same passes and, in the last
+// block's, also sums ‖(cross[:, j] - δ_j·unit_emb_sum) / scale_j‖² tile by tile
+// from the finished row of cross still in registers: finalize's
+// shifted_sq_norms without its pass over cross (act_min, hence δ = act_min -
+// shift, is known from step 1).
 #include "../monoscore.h"
 #include "buffer_pool.h"
 #include "csr_tiles.h"
@@ -31,6 +37,7 @@
 #include <algorithm>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace monoloss_kernels {
@@ -68,16 +75,46 @@ MONOLOSS_VECTOR_INLINE void tile_row_sums(const int32_t* __restrict__ rows, cons
   for (int64_t l = 0; l < kTileLines; ++l) partial[l] = even[l] + odd[l];
 }
 
+// What the cross pass needs to also give, tile by tile, each latent's share of
+// ‖(cross[:, j] - delta[j] · unit_emb_sum) / scale[j]‖² (finalize's
+// shifted_sq_norms, fused: the finished row of cross is still in registers).
+struct TileSqNorms {
+  alignas(64) float unit_sum[kTileWidth];  // this tile's dims of unit_emb_sum, zero past d
+  const float* delta;                      // (M,) act_min - shift
+  const float* inv_scale;                  // (M,) 1 / (act_max - act_min), 1 for a constant latent
+  double* out;                             // (M,) this tile's share, squares summed in float64
+};
+
+// Σ_i ((x_i - delta·u_i) · inv_scale)² over a tile row, in float64 (as
+// shifted_sq_norms sums its squares).
+MONOLOSS_VECTOR_INLINE double shifted_tile_sq_norm(const LineVec* x, const float* unit_sum, float delta,
+                                                   float inv_scale) {
+  typedef double HalfLine __attribute__((vector_size(kLineFloats / 2 * sizeof(double))));
+  HalfLine total = {};
+  for (int64_t l = 0; l < kTileLines; ++l) {
+    const LineVec c = (x[l] - delta * load_line(unit_sum + l * kLineFloats)) * inv_scale;
+    const HalfLine low = __builtin_convertvector(__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7), HalfLine);
+    const HalfLine high =
+        __builtin_convertvector(__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15), HalfLine);
+    total += low * low + high * high;
+  }
+  double sum = 0;
+  for (int64_t i = 0; i < kLineFloats / 2; ++i) sum += total[i];
+  return sum;
+}
+
 // cross_t[j, t0:t0+width) for the latents [j0, j1), reading one tile of the
-// block's unit embeddings; adds to what is there if `accumulate`.
+// block's unit embeddings; adds to what is there if `accumulate`. With `sq`
+// (the last block), also each latent's share of the shifted squared norm.
 MONOLOSS_VECTOR_CLONES
 void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
                       const float* __restrict__ weights, const float* __restrict__ tile, int64_t j0,
                       int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width,
-                      bool accumulate) {
+                      bool accumulate, const TileSqNorms* sq) {
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
-    if (accumulate && p0 == p1) continue;
+    float* out_row = out + j * out_stride;
+    if (accumulate && p0 == p1 && sq == nullptr) continue;
     LineVec sums[kTileLines];
     if (p1 - p0 <= kEntriesPerPartial) {  // the common case: one float32 partial is the sum
       tile_row_sums(rows, weights, tile, p0, p1, sums);
@@ -90,17 +127,20 @@ void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t*
       }
       for (int64_t i = 0; i < kTileWidth; ++i) sums[i / kLineFloats][i % kLineFloats] = static_cast<float>(total[i]);
     }
-    float* out_row = out + j * out_stride;
+    LineVec row[kTileLines] = {};  // the row as stored, zero past width
     if (width == kTileWidth) {
       for (int64_t l = 0; l < kTileLines; ++l) {
         float* line = out_row + l * kLineFloats;
-        store_line(line, accumulate ? load_line(line) + sums[l] : sums[l]);
+        row[l] = accumulate ? load_line(line) + sums[l] : sums[l];
+        store_line(line, row[l]);
       }
     } else {
       for (int64_t i = 0; i < width; ++i) {
         out_row[i] = (accumulate ? out_row[i] : 0.0f) + sums[i / kLineFloats][i % kLineFloats];
+        row[i / kLineFloats][i % kLineFloats] = out_row[i];
       }
     }
+    if (sq != nullptr) sq->out[j] = shifted_tile_sq_norm(row, sq->unit_sum, sq->delta[j], sq->inv_scale[j]);
   }
 }
 
@@ -116,9 +156,9 @@ struct LatentScan {
 
 }  // namespace
 
-MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                                       const at::Tensor& values, const at::Tensor& emb,
-                                       int64_t num_latents) {
+std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                                     const at::Tensor& values, const at::Tensor& emb,
+                                                     int64_t num_latents, bool with_sq_norms) {
   check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
   TORCH_CHECK_VALUE(emb.size(0) < std::numeric_limits<int32_t>::max(),
                     "monoscore_stats_csr: at most 2^31 - 2 rows per call (stream larger sets in batches)");
@@ -182,11 +222,30 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     }
   }
 
+  // What the squared norms at the minimum need per latent: the shift to it and
+  // the latent's range, float32 as finalize passes them to shifted_sq_norms.
+  std::vector<float> delta, scale, inv_scale;
+  std::vector<double> tile_sq_norms;  // (num_tiles, M): each tile's share
+  const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
+  if (with_sq_norms) {
+    const float* act_min = act_range.select(0, 0).const_data_ptr<float>();
+    const float* act_max = act_range.select(0, 1).const_data_ptr<float>();
+    const float* shift_ptr = shift.const_data_ptr<float>();
+    delta.resize(M);
+    scale.resize(M);
+    inv_scale.resize(M);
+    tile_sq_norms.resize(num_tiles * M);
+    for (int64_t j = 0; j < M; ++j) {
+      delta[j] = static_cast<float>(static_cast<double>(act_min[j]) - static_cast<double>(shift_ptr[j]));
+      scale[j] = act_max[j] > act_min[j] ? act_max[j] - act_min[j] : 1.0f;
+      inv_scale[j] = 1.0f / scale[j];
+    }
+  }
+
   // 2. Block by block of rows: the entries sorted by latent, their weights b
   // and the moments, then cross.
   at::Tensor moments = at::zeros({4, M}, f64);
   const int64_t num_blocks = std::max<int64_t>(1, (N + kBlockRows - 1) / kBlockRows);
-  const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   const int64_t latent_tasks = std::max<int64_t>(1, (M + kLatentsPerTask - 1) / kLatentsPerTask);
   const int64_t tile_rows = std::min(N, kBlockRows);
   at::Tensor unit_emb_sum = at::zeros({d}, f64);
@@ -199,6 +258,7 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
   double* sumsq_b = moments.select(0, 1).data_ptr<double>();
   double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
   double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
+  std::vector<double> block_unit_sum(num_tiles * kTileWidth);  // this block's share of unit_emb_sum
   LatentOrder<double> order;
   for (int64_t block = 0; block < num_blocks; ++block) {
     const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
@@ -228,31 +288,63 @@ MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at:
     });
     // Tasks in (tile, latent range) order: a thread builds each tile of its
     // range once, at the tile's first task; the task of a tile's first latent
-    // range also adds the tile's unit_emb_sum (so each dim is summed once).
+    // range keeps the tile's column sums for unit_emb_sum (so each dim is
+    // summed once), which is added to after the pass: the last block's tasks
+    // read it meanwhile, for the squared norms.
+    const bool last_block = block == num_blocks - 1;
     at::parallel_for(0, num_tiles * latent_tasks, 1, [&](int64_t task0, int64_t task1) {
       at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, f32);
+      double tile_sum[kTileWidth];
+      TileSqNorms sq{{}, delta.data(), inv_scale.data(), nullptr};
       int64_t built = -1;
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t t = task / latent_tasks, j0 = task % latent_tasks * kLatentsPerTask;
+        const int64_t width = std::min(kTileWidth, d - t * kTileWidth);
         if (t != built) {
-          build_unit_tile(emb_ptr, inv_norm, row_base, block_rows, d, t, tile.data_ptr<float>(),
-                          j0 == 0 ? unit_sum_ptr : nullptr);
+          build_unit_tile(emb_ptr, inv_norm, row_base, block_rows, d, t, tile.data_ptr<float>(), tile_sum);
+          for (int64_t i = 0; i < kTileWidth; ++i) {  // float32, as finalize passes it
+            sq.unit_sum[i] = i < width ? static_cast<float>(unit_sum_ptr[t * kTileWidth + i] + tile_sum[i]) : 0.0f;
+          }
           built = t;
         }
-        latent_tile_sums(order.offsets.data(), order.rows, weights, tile.const_data_ptr<float>(),
-                         j0, std::min(M, j0 + kLatentsPerTask), cross_ptr + t * kTileWidth, d,
-                         std::min(kTileWidth, d - t * kTileWidth), /*accumulate=*/block > 0);
+        if (j0 == 0) std::copy(tile_sum, tile_sum + width, block_unit_sum.begin() + t * kTileWidth);
+        sq.out = tile_sq_norms.data() + t * M;
+        latent_tile_sums(order.offsets.data(), order.rows, weights, tile.const_data_ptr<float>(), j0,
+                         std::min(M, j0 + kLatentsPerTask), cross_ptr + t * kTileWidth, d, width,
+                         /*accumulate=*/block > 0, with_sq_norms && last_block ? &sq : nullptr);
       }
     });
+    for (int64_t i = 0; i < d; ++i) unit_sum_ptr[i] += block_unit_sum[i];
   }
 
   const at::Tensor counts = at::stack({at::scalar_tensor(static_cast<double>(N), f64),
                                        (inv_norm_t > 0).sum().to(at::kDouble)});
-  return {cross_t.t(), unit_emb_sum, shift, act_range, moments, counts};
+  MonoScoreStats stats{cross_t.t(), unit_emb_sum, shift, act_range, moments, counts};
+  if (!with_sq_norms) return {stats, at::Tensor()};
+  // The tiles' shares in tile order (so the sum does not depend on the number of threads).
+  at::Tensor sq_norms = at::zeros({M}, f64);
+  double* sq_ptr = sq_norms.data_ptr<double>();
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    for (int64_t j = 0; j < M; ++j) sq_ptr[j] += tile_sq_norms[t * M + j];
+  }
+  for (int64_t j = 0; j < M; ++j) sq_ptr[j] *= static_cast<double>(scale[j]) * static_cast<double>(scale[j]);
+  return {stats, sq_norms};
+}
+
+MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                       const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
+  return std::get<0>(csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents, /*with_sq_norms=*/false));
+}
+
+MonoLossStats monoloss_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                     const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
+  auto [stats, sq_norms] = csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents, /*with_sq_norms=*/true);
+  return std::tuple_cat(stats, std::make_tuple(sq_norms));
 }
 
 TORCH_LIBRARY_IMPL(monoloss_kernels, CPU, m) {
   m.impl("monoscore_stats_csr", &monoscore_stats_csr_cpu);
+  m.impl("monoloss_stats_csr", &monoloss_stats_csr_cpu);
 }
 
 }  // namespace monoloss_kernels
