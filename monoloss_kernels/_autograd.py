@@ -29,6 +29,10 @@ input form, the statistics op's own backend's (`acts_grad_kernel`):
               fallback where the kernel asked for does not run on the device.
 
 The gradient with respect to emb is the torch formula for every backend.
+
+MonoLoss on sparse CPU activations runs one more op, monoloss_stats_csr (the statistics
+and finalize's squared norms in one pass); its backward (`loss_csr_stats_backward`) is
+the C++ CSR kernel forming ∂L/∂cross from cross, and gives no gradient for emb.
 """
 
 import torch

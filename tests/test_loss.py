@@ -148,6 +148,7 @@ def test_fused_cpu_loss_stats_op():
     op = torch.ops.monoloss_kernels.monoloss_stats_csr
     test_utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(op, (crow, cols, values, emb, 23), test_utils=test_utils)
+    torch.library.opcheck(op, (crow, cols, values.detach().half(), emb.double(), 23), test_utils=test_utils)
     out = op(crow, cols, values.detach(), emb, 23)
     gradients = (torch.randn(23, dtype=torch.float64), torch.randn(4, 23, dtype=torch.float64), torch.randn(2, 23))
     backward_args = (crow, cols, values.detach(), emb, 23, out[2], out[3], out[0], out[1], *gradients)
