@@ -176,9 +176,9 @@ void add_tile_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __
       for (int64_t l = 0; l < kTileLines; ++l) g[l] = grad.weight[j] * (g[l] - grad.delta[j] * unit[l]);
     }
     if (unit_dots != nullptr) {
-      const LineVec products = (unit[0] * g[0] + unit[1] * g[1]) + (unit[2] * g[2] + unit[3] * g[3]);
+      const LineVec unit_products = (unit[0] * g[0] + unit[1] * g[1]) + (unit[2] * g[2] + unit[3] * g[3]);
       float sum = 0;
-      for (int64_t i = 0; i < kLineFloats; ++i) sum += products[i];
+      for (int64_t i = 0; i < kLineFloats; ++i) sum += unit_products[i];
       unit_dots[j] += sum;
     }
     for (int64_t p = p0; p < p1; ++p) {
