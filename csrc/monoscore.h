@@ -57,21 +57,23 @@ MonoScoreStats monoscore_stats_cpu(const at::Tensor& acts, const at::Tensor& emb
 MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                        const at::Tensor& values, const at::Tensor& emb,
                                        int64_t num_latents);
-// MonoLoss's statistics of sparse activations: monoscore_stats_csr's six, and
+// MonoLoss's statistics of sparse activations: monoscore_stats_csr's six,
 // cross_sq_at_min (M,) float64 = ‖cross[:, k] - (act_min[k] - shift[k]) ·
 // unit_emb_sum‖², what finalize's shifted_sq_norms would compute from them,
-// summed as the cross pass finishes each latent (CPU). Its backward takes the
-// gradient of cross_sq_at_min instead of a materialised (d, M) grad_cross.
+// summed as the cross pass finishes each latent, and entry_order, the entries
+// sorted by latent ((3, nnz) int32, see KeptOrder in cpu/csr_tiles.h) (CPU).
+// Its backward takes the gradient of cross_sq_at_min instead of a materialised
+// (d, M) grad_cross, and the entry order instead of sorting again.
 using MonoLossStats =
-    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 MonoLossStats monoloss_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                      const at::Tensor& values, const at::Tensor& emb, int64_t num_latents);
 at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                            const at::Tensor& values, const at::Tensor& emb, int64_t num_latents,
                                            const at::Tensor& shift, const at::Tensor& act_range,
                                            const at::Tensor& cross, const at::Tensor& unit_emb_sum,
-                                           const at::Tensor& grad_cross_sq_at_min, const at::Tensor& grad_moments,
-                                           const at::Tensor& grad_range);
+                                           const at::Tensor& entry_order, const at::Tensor& grad_cross_sq_at_min,
+                                           const at::Tensor& grad_moments, const at::Tensor& grad_range);
 // The backward of the two ops with respect to acts / the stored values (CPU).
 at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor& emb, const at::Tensor& shift,
                                         const at::Tensor& act_range, const at::Tensor& grad_cross,

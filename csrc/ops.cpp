@@ -133,17 +133,18 @@ TORCH_LIBRARY(monoloss_kernels, m) {
       "monoscore_stats_csr_backward(Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor emb, int num_latents, Tensor shift, Tensor act_range, Tensor grad_cross, "
       "Tensor grad_moments, Tensor grad_range) -> Tensor");
-  // MonoLoss's statistics of sparse activations (CPU): monoscore_stats_csr's, and
-  // ‖Σ_n ê_n (a_n - min)‖² per latent, fused into the pass that sums cross; the
-  // backward takes its gradient in place of grad_cross (see monoscore.h).
+  // MonoLoss's statistics of sparse activations (CPU): monoscore_stats_csr's,
+  // ‖Σ_n ê_n (a_n - min)‖² per latent, fused into the pass that sums cross, and
+  // the entries sorted by latent; the backward takes the norms' gradient in
+  // place of grad_cross, and the sorted entries (see monoscore.h).
   m.def(
       "monoloss_stats_csr(Tensor crow_indices, Tensor col_indices, Tensor values, Tensor emb, "
       "int num_latents) -> (Tensor cross, Tensor unit_emb_sum, Tensor shift, Tensor act_range, "
-      "Tensor moments, Tensor counts, Tensor cross_sq_at_min)");
+      "Tensor moments, Tensor counts, Tensor cross_sq_at_min, Tensor entry_order)");
   m.def(
       "monoloss_stats_csr_backward(Tensor crow_indices, Tensor col_indices, Tensor values, "
       "Tensor emb, int num_latents, Tensor shift, Tensor act_range, Tensor cross, Tensor unit_emb_sum, "
-      "Tensor grad_cross_sq_at_min, Tensor grad_moments, Tensor grad_range) -> Tensor");
+      "Tensor entry_order, Tensor grad_cross_sq_at_min, Tensor grad_moments, Tensor grad_range) -> Tensor");
 }
 
 }  // namespace monoloss_kernels

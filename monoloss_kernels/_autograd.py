@@ -257,16 +257,17 @@ def csr_setup_context(ctx, inputs, output):
 
 def loss_csr_setup_context(ctx, inputs, output):
     crow_indices, col_indices, values, emb, num_latents = inputs
-    cross, unit_emb_sum, shift, act_range, _, _, _ = output
+    cross, unit_emb_sum, shift, act_range, _, _, _, entry_order = output
     ctx.num_latents = num_latents
     ctx.set_materialize_grads(False)  # None, not zeros, for the outputs the loss does not use (cross)
-    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum)
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum, entry_order)
 
 
 def loss_csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, grad_range, grad_moments, _grad_counts,
-                            grad_cross_sq_at_min):
+                            grad_cross_sq_at_min, _grad_entry_order):
     """The backward of monoloss_stats_csr: ∂L/∂values in one kernel, which forms ∂L/∂cross
-    from cross and the gradient of cross_sq_at_min (cross's only use in finalize). A
+    from cross and the gradient of cross_sq_at_min (cross's only use in finalize) and
+    reads the entries in the order the forward sorted them (entry_order). A
     gradient reaching cross itself (another use, or zeros under torch.compile, which
     materialises the gradients of unused outputs) takes a second pass, the statistics
     op's backward. No gradient for emb: the loss takes monoscore_stats_csr where emb
@@ -275,14 +276,14 @@ def loss_csr_stats_backward(ctx, grad_cross, grad_unit_emb_sum, _grad_shift, gra
         raise RuntimeError("monoloss_stats_csr gives no gradient for emb; for emb use monoscore_stats_csr")
     if not ctx.needs_input_grad[2]:
         return None, None, None, None, None
-    crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum = ctx.saved_tensors
+    crow_indices, col_indices, values, emb, shift, act_range, cross, unit_emb_sum, entry_order = ctx.saved_tensors
     num_latents = ctx.num_latents
     grad_cross_sq_at_min, grad_moments, grad_range = _zeros_if_none(
         (grad_cross_sq_at_min, grad_moments, grad_range), ((num_latents,), (4, num_latents), (2, num_latents)),
         values.device,
     )
     grad_values = torch.ops.monoloss_kernels.monoloss_stats_csr_backward(
-        crow_indices, col_indices, values, emb, num_latents, shift, act_range, cross, unit_emb_sum,
+        crow_indices, col_indices, values, emb, num_latents, shift, act_range, cross, unit_emb_sum, entry_order,
         grad_cross_sq_at_min, grad_moments, grad_range,
     )
     if grad_cross is not None:

@@ -35,7 +35,8 @@ def _cpp_csr_stats(acts: CsrActs, emb: Tensor) -> MonoScoreStats:
 
 
 def _cpp_csr_loss_stats(acts: CsrActs, emb: Tensor) -> tuple[MonoScoreStats, Tensor]:
-    *stats, cross_sq_at_min = torch.ops.monoloss_kernels.monoloss_stats_csr(
+    # The sorted entries (the last output) are for the op's backward only, saved by autograd.
+    *stats, cross_sq_at_min, _entry_order = torch.ops.monoloss_kernels.monoloss_stats_csr(
         acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents
     )
     return MonoScoreStats(*stats), cross_sq_at_min
@@ -116,8 +117,9 @@ def loss_stats_function(backend: str, device: torch.device, sparse: bool,
     squared norm as it finishes the latent's column of cross, and its backward forms
     ∂L/∂cross from cross as it reads it, where `shifted_sq_norms`'s backward would write
     the whole (d, M) gradient for the statistics' backward to read back (about 4 ms of a
-    30 ms step at B=4096, M=8192, k=64, d=768 on the 2-core dev CPU). Its backward gives
-    no gradient for emb: with `emb_grad`, the statistics op and finalize's squared norms.
+    30 ms step at B=4096, M=8192, k=64, d=768 on the 2-core dev CPU); the backward also
+    reuses the forward's sort of the entries. It gives no gradient for emb: with
+    `emb_grad`, the statistics op and finalize's squared norms.
     """
     stats_of = stats_function(backend, device, sparse)
     if (stats_of is _cpp_csr_stats and device.type == "cpu" and not emb_grad

@@ -184,9 +184,11 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake(LOSS_CSR_STATS_OP)
     def _monoloss_stats_csr_fake(crow_indices, col_indices, values, emb, num_latents):
         cross_sq_at_min = emb.new_empty((num_latents,), dtype=torch.float64)
-        return (*empty_stats_like(emb, emb, num_latents), cross_sq_at_min)
+        entry_order = emb.new_empty((3, values.shape[0]), dtype=torch.int32)
+        return (*empty_stats_like(emb, emb, num_latents), cross_sq_at_min, entry_order)
 
     @torch.library.register_fake(LOSS_CSR_BACKWARD_OP)
     def _monoloss_stats_csr_backward_fake(crow_indices, col_indices, values, emb, num_latents, shift, act_range,
-                                          cross, unit_emb_sum, grad_cross_sq_at_min, grad_moments, grad_range):
+                                          cross, unit_emb_sum, entry_order, grad_cross_sq_at_min, grad_moments,
+                                          grad_range):
         return torch.empty_like(values, memory_format=torch.contiguous_format)

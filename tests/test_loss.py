@@ -125,9 +125,17 @@ def test_fused_cpu_topk_loss_over_row_blocks_and_tiles(case):
     check_grad(ours.grad, ref_values.grad)
     # The fused squared norms equal finalize's shifted_sq_norms of the same statistics.
     crow = torch.arange(n + 1) * k
-    *stats, cross_sq_at_min = torch.ops.monoloss_kernels.monoloss_stats_csr(crow, indices.flatten(),
-                                                                            values.flatten(), emb, m)
+    *stats, cross_sq_at_min, entry_order = torch.ops.monoloss_kernels.monoloss_stats_csr(crow, indices.flatten(),
+                                                                                         values.flatten(), emb, m)
     stats = MonoScoreStats(*stats)
+    # The kept order: per 8192-row block, the block's entries by latent, rows ascending.
+    rows = torch.repeat_interleave(torch.arange(n), k)
+    for row0 in (0, 8192):
+        e0, e1 = row0 * k, min(n, row0 + 8192) * k
+        block_rows, source, latents = entry_order[:, e0:e1].long()
+        keys = indices.flatten()[e0:e1] * n + rows[e0:e1]
+        assert torch.equal(source, keys.argsort())
+        assert torch.equal(block_rows + row0, rows[e0:e1][source]) and torch.equal(latents, indices.flatten()[e0:e1][source])
     act_min, act_max = stats.act_range
     delta = (act_min.double() - stats.shift.double()).float()
     scale = torch.where(act_max > act_min, act_max - act_min, 1.0)
@@ -151,9 +159,16 @@ def test_fused_cpu_loss_stats_op():
     torch.library.opcheck(op, (crow, cols, values.detach().half(), emb.double(), 23), test_utils=test_utils)
     out = op(crow, cols, values.detach(), emb, 23)
     gradients = (torch.randn(23, dtype=torch.float64), torch.randn(4, 23, dtype=torch.float64), torch.randn(2, 23))
-    backward_args = (crow, cols, values.detach(), emb, 23, out[2], out[3], out[0], out[1], *gradients)
+    backward_args = (crow, cols, values.detach(), emb, 23, out[2], out[3], out[0], out[1], out[7], *gradients)
     torch.library.opcheck(torch.ops.monoloss_kernels.monoloss_stats_csr_backward, backward_args,
                           test_utils=test_utils)
+    # An entry order that is not the forward's is refused (the kernel indexes with it).
+    bad_order = out[7].clone()
+    bad_order[2, 0] = 23  # a latent out of range
+    with pytest.raises(ValueError, match="entry_order is not the order monoloss_stats_csr returned"):
+        torch.ops.monoloss_kernels.monoloss_stats_csr_backward(*backward_args[:9], bad_order, *gradients)
+    with pytest.raises(ValueError, match="entry_order must be the"):
+        torch.ops.monoloss_kernels.monoloss_stats_csr_backward(*backward_args[:9], bad_order[:2], *gradients)
     # A gradient reaching cross itself (a second pass) and the moments, as the statistics op's.
     weights = torch.randn(13, 23), torch.randn(4, 23, dtype=torch.float64)
     grads = []

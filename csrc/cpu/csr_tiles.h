@@ -47,6 +47,19 @@ struct LatentOrder {
   at::Tensor buffer;             // holds the three arrays
 };
 
+// The sorted entries of every block, kept by MonoLoss's forward for its backward:
+// an int32 (3, nnz) tensor whose rows are each sorted entry's row - its block's
+// first row, its index - its block's first entry, and its latent; a block's
+// entries keep the places they have in col_indices. The row of rows comes
+// first, so the kernels' reads kPrefetchEntries past its end stay inside the
+// tensor.
+struct KeptOrder {
+  int32_t* rows;
+  int32_t* source;
+  int32_t* latents;
+  explicit KeptOrder(int32_t* order, int64_t nnz) : rows(order), source(order + nnz), latents(order + 2 * nnz) {}
+};
+
 // Fewest entries per thread worth a parallel pass over the entries.
 constexpr int64_t kEntryPassGrain = 16384;
 
@@ -88,9 +101,11 @@ at::Tensor pooled_arrays(std::pair<T**, int64_t>... arrays) {
 // bucket is scattered to its latents' places within its own cache-sized region.
 // Rows stay ascending within a latent whatever the number of threads. The
 // caller has checked that crow is non-decreasing and cols lie in [0, M).
+// With `kept`, the rows and sources go to its arrays (and the latents too),
+// at the block's places there.
 template <typename value_t>
 void sort_block_by_latent(const int64_t* crow, const int64_t* cols, const value_t* values, int64_t row_begin,
-                          int64_t row_end, int64_t M, LatentOrder<value_t>& order) {
+                          int64_t row_end, int64_t M, LatentOrder<value_t>& order, const KeptOrder* kept = nullptr) {
   const int64_t first = crow[row_begin], count = crow[row_end] - first;
   TORCH_CHECK_VALUE(count < std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 stored entries per ",
                     kBlockRows, " rows of acts");
@@ -139,9 +154,17 @@ void sort_block_by_latent(const int64_t* crow, const int64_t* cols, const value_
   static_assert(kBucketLatents <= 65536 && kBlockRows <= 65536, "Staged holds both in 16 bits");
   Staged* staged;
   const at::Tensor staging = pooled_arrays(std::pair{&staged, count});
-  order.buffer = pooled_arrays(std::pair{&order.rows, count + kPrefetchEntries}, std::pair{&order.source, count},
-                               std::pair{&order.values, count});
-  std::fill(order.rows + count, order.rows + count + kPrefetchEntries, 0);
+  int32_t* latents = nullptr;
+  if (kept != nullptr) {
+    order.buffer = pooled_arrays(std::pair{&order.values, count});
+    order.rows = kept->rows + first;
+    order.source = kept->source + first;
+    latents = kept->latents + first;
+  } else {
+    order.buffer = pooled_arrays(std::pair{&order.rows, count + kPrefetchEntries}, std::pair{&order.source, count},
+                                 std::pair{&order.values, count});
+    std::fill(order.rows + count, order.rows + count + kPrefetchEntries, 0);
+  }
 
   // 1. Each range's entries, rows in order, to their buckets.
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
@@ -176,8 +199,35 @@ void sort_block_by_latent(const int64_t* crow, const int64_t* cols, const value_
         order.rows[p] = entry.row;
         order.source[p] = entry.source;
         order.values[p] = entry.value;
+        if (latents != nullptr) latents[p] = static_cast<int32_t>(j0 + entry.latent);
       }
     }
+  });
+}
+
+// The order of rows [row_begin, row_end) as the forward kept it: the offsets
+// counted from the latents, the values gathered. Refuses an order that is not
+// one (sorted latents in [0, M), rows and sources inside the block): the
+// kernels index the tiles and the entries with it.
+template <typename value_t>
+void kept_block_order(const int64_t* crow, const value_t* values, int64_t row_begin, int64_t row_end, int64_t M,
+                      const KeptOrder& kept, LatentOrder<value_t>& order) {
+  const int64_t first = crow[row_begin], count = crow[row_end] - first, block_rows = row_end - row_begin;
+  order.rows = kept.rows + first;
+  order.source = kept.source + first;
+  order.buffer = pooled_arrays(std::pair{&order.values, count});
+  const int32_t* latents = kept.latents + first;
+  order.offsets.assign(M + 1, 0);
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t j = latents[p];
+    TORCH_CHECK_VALUE(j >= 0 && j < M && (p == 0 || j >= latents[p - 1]) && order.rows[p] >= 0 &&
+                          order.rows[p] < block_rows && order.source[p] >= 0 && order.source[p] < count,
+                      "entry_order is not the order monoloss_stats_csr returned for these inputs");
+    ++order.offsets[j + 1];
+  }
+  for (int64_t j = 0; j < M; ++j) order.offsets[j + 1] += order.offsets[j];
+  at::parallel_for(0, count, kEntryPassGrain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) order.values[p] = values[first + order.source[p]];
   });
 }
 

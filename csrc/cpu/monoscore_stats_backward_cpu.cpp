@@ -23,7 +23,8 @@
 // cross as each latent's tile is read, G[:, j] = 2 g_j (cross[:, j] - δ_j
 // unit_emb_sum) for the gradient g of the fused squared norms (`CrossGrad`),
 // and the norm's gradient through δ (-unit_emb_sumᵀ G[:, j]) shared among the
-// ties at the minimum.
+// ties at the minimum; it reads the entries in the order its forward sorted
+// them (`KeptOrder`) instead of sorting them again.
 //
 // Only the gradient with respect to acts (or the stored values) is computed
 // here; the optional gradient with respect to emb stays in torch.
@@ -251,7 +252,7 @@ namespace {
 at::Tensor csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices, const at::Tensor& values,
                             const at::Tensor& emb, int64_t num_latents, const at::Tensor& shift,
                             const at::Tensor& act_range, const CrossGrad& grad, const at::Tensor& grad_moments,
-                            const at::Tensor& grad_range, const char* op) {
+                            const at::Tensor& grad_range, const KeptOrder* kept, const char* op) {
   const int64_t N = emb.size(0), d = emb.size(1), M = num_latents, nnz = values.size(0);
   const at::Tensor inv_norm = row_inv_norm(emb);
   const at::Tensor emb32 = emb.to(at::kFloat).contiguous();
@@ -320,7 +321,11 @@ at::Tensor csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& co
   LatentOrder<float> order;
   for (int64_t block = 0; block < num_blocks; ++block) {
     const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
-    sort_block_by_latent(crow, cols, v, row_base, row_base + block_rows, M, order);
+    if (kept != nullptr) {
+      kept_block_order(crow, v, row_base, row_base + block_rows, M, *kept, order);
+    } else {
+      sort_block_by_latent(crow, cols, v, row_base, row_base + block_rows, M, order);
+    }
     const int64_t first = crow[row_base];
     const at::Tensor dots_t = pooled_empty({order.offsets[M]}, emb32.options());
     float* dots = dots_t.data_ptr<float>();  // sorted order
@@ -363,15 +368,15 @@ at::Tensor monoscore_stats_csr_backward_cpu(const at::Tensor& crow_indices, cons
   const at::Tensor grad32 = grad_cross.to(at::kFloat);
   const CrossGrad grad{grad32.const_data_ptr<float>(), grad32.stride(0), grad32.stride(1)};
   return csr_backward_cpu(crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad, grad_moments,
-                          grad_range, "monoscore_stats_csr_backward");
+                          grad_range, /*kept=*/nullptr, "monoscore_stats_csr_backward");
 }
 
 at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                            const at::Tensor& values, const at::Tensor& emb, int64_t num_latents,
                                            const at::Tensor& shift, const at::Tensor& act_range,
                                            const at::Tensor& cross, const at::Tensor& unit_emb_sum,
-                                           const at::Tensor& grad_cross_sq_at_min, const at::Tensor& grad_moments,
-                                           const at::Tensor& grad_range) {
+                                           const at::Tensor& entry_order, const at::Tensor& grad_cross_sq_at_min,
+                                           const at::Tensor& grad_moments, const at::Tensor& grad_range) {
   const char* op = "monoloss_stats_csr_backward";
   check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
   const int64_t d = emb.size(1), M = num_latents;
@@ -384,6 +389,10 @@ at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const
     TORCH_CHECK_VALUE(t->device() == emb.device() && at::isFloatingType(t->scalar_type()), op,
                       ": unit_emb_sum and grad_cross_sq_at_min must be floating point, on emb's device");
   }
+  const int64_t nnz = values.size(0);
+  TORCH_CHECK_VALUE(entry_order.dim() == 2 && entry_order.size(0) == 3 && entry_order.size(1) == nnz &&
+                        entry_order.scalar_type() == at::kInt && entry_order.device() == emb.device(),
+                    op, ": entry_order must be the (3, nnz) int32 tensor monoloss_stats_csr returned");
   check_backward_inputs(op, emb, M, d, shift, act_range, cross, grad_moments, grad_range);
   // As finalize passes them to shifted_sq_norms: float32 unit_emb_sum and
   // delta = act_min - shift; the squared norm's gradient is 2 g c.
@@ -393,8 +402,10 @@ at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const
   const at::Tensor weight = (2 * grad_cross_sq_at_min).to(at::kFloat).contiguous();
   const CrossGrad grad{cross32.const_data_ptr<float>(), cross32.stride(0), cross32.stride(1),
                        unit32.const_data_ptr<float>(), delta.const_data_ptr<float>(), weight.const_data_ptr<float>()};
+  const at::Tensor order = entry_order.contiguous();
+  const KeptOrder kept(order.data_ptr<int32_t>(), nnz);  // read, not written
   return csr_backward_cpu(crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad, grad_moments,
-                          grad_range, op);
+                          grad_range, &kept, op);
 }
 
 

@@ -22,7 +22,8 @@
 // block's, also sums ‖(cross[:, j] - δ_j·unit_emb_sum) / scale_j‖² tile by tile
 // from the finished row of cross still in registers: finalize's
 // shifted_sq_norms without its pass over cross (act_min, hence δ = act_min -
-// shift, is known from step 1).
+// shift, is known from step 1). It also returns the sorted entries of every
+// block (KeptOrder, csr_tiles.h), which its backward reuses instead of sorting.
 #include "../monoscore.h"
 #include "buffer_pool.h"
 #include "csr_tiles.h"
@@ -36,6 +37,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -156,9 +158,12 @@ struct LatentScan {
 
 }  // namespace
 
-std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                                                     const at::Tensor& values, const at::Tensor& emb,
-                                                     int64_t num_latents, bool with_sq_norms) {
+// The statistics; for MonoLoss's op (`for_loss`) also the squared norms at the
+// minimum and the sorted entries (KeptOrder) for its backward, else undefined.
+std::tuple<MonoScoreStats, at::Tensor, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indices,
+                                                                 const at::Tensor& col_indices, const at::Tensor& values,
+                                                                 const at::Tensor& emb, int64_t num_latents,
+                                                                 bool for_loss) {
   check_csr_stats_inputs(crow_indices, col_indices, values, emb, num_latents);
   TORCH_CHECK_VALUE(emb.size(0) < std::numeric_limits<int32_t>::max(),
                     "monoscore_stats_csr: at most 2^31 - 2 rows per call (stream larger sets in batches)");
@@ -227,7 +232,7 @@ std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indi
   std::vector<float> delta, scale, inv_scale;
   std::vector<double> tile_sq_norms;  // (num_tiles, M): each tile's share
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
-  if (with_sq_norms) {
+  if (for_loss) {
     const float* act_min = act_range.select(0, 0).const_data_ptr<float>();
     const float* act_max = act_range.select(0, 1).const_data_ptr<float>();
     const float* shift_ptr = shift.const_data_ptr<float>();
@@ -259,10 +264,16 @@ std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indi
   double* zero_sum_b = moments.select(0, 2).data_ptr<double>();
   double* zero_sumsq_b = moments.select(0, 3).data_ptr<double>();
   std::vector<double> block_unit_sum(num_tiles * kTileWidth);  // this block's share of unit_emb_sum
+  at::Tensor entry_order;
+  std::optional<KeptOrder> kept;
+  if (for_loss) {
+    entry_order = pooled_empty({3, nnz}, emb.options().dtype(at::kInt));
+    kept.emplace(entry_order.data_ptr<int32_t>(), nnz);
+  }
   LatentOrder<double> order;
   for (int64_t block = 0; block < num_blocks; ++block) {
     const int64_t row_base = block * kBlockRows, block_rows = std::min(N, row_base + kBlockRows) - row_base;
-    sort_block_by_latent(crow, cols, vals, row_base, row_base + block_rows, M, order);
+    sort_block_by_latent(crow, cols, vals, row_base, row_base + block_rows, M, order, kept ? &*kept : nullptr);
     const at::Tensor weights_t = pooled_empty({order.offsets[M]}, f32);
     float* weights = weights_t.data_ptr<float>();  // b of each sorted entry; the tiles hold unit embeddings
     at::parallel_for(0, M, kLatentsPerTask, [&](int64_t j0, int64_t j1) {
@@ -311,7 +322,7 @@ std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indi
         sq.out = tile_sq_norms.data() + t * M;
         latent_tile_sums(order.offsets.data(), order.rows, weights, tile.const_data_ptr<float>(), j0,
                          std::min(M, j0 + kLatentsPerTask), cross_ptr + t * kTileWidth, d, width,
-                         /*accumulate=*/block > 0, with_sq_norms && last_block ? &sq : nullptr);
+                         /*accumulate=*/block > 0, for_loss && last_block ? &sq : nullptr);
       }
     });
     for (int64_t i = 0; i < d; ++i) unit_sum_ptr[i] += block_unit_sum[i];
@@ -320,7 +331,7 @@ std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indi
   const at::Tensor counts = at::stack({at::scalar_tensor(static_cast<double>(N), f64),
                                        (inv_norm_t > 0).sum().to(at::kDouble)});
   MonoScoreStats stats{cross_t.t(), unit_emb_sum, shift, act_range, moments, counts};
-  if (!with_sq_norms) return {stats, at::Tensor()};
+  if (!for_loss) return {stats, at::Tensor(), at::Tensor()};
   // The tiles' shares in tile order (so the sum does not depend on the number of threads).
   at::Tensor sq_norms = at::zeros({M}, f64);
   double* sq_ptr = sq_norms.data_ptr<double>();
@@ -328,18 +339,19 @@ std::tuple<MonoScoreStats, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indi
     for (int64_t j = 0; j < M; ++j) sq_ptr[j] += tile_sq_norms[t * M + j];
   }
   for (int64_t j = 0; j < M; ++j) sq_ptr[j] *= static_cast<double>(scale[j]) * static_cast<double>(scale[j]);
-  return {stats, sq_norms};
+  return {stats, sq_norms, entry_order};
 }
 
 MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                        const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
-  return std::get<0>(csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents, /*with_sq_norms=*/false));
+  return std::get<0>(csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents, /*for_loss=*/false));
 }
 
 MonoLossStats monoloss_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                      const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
-  auto [stats, sq_norms] = csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents, /*with_sq_norms=*/true);
-  return std::tuple_cat(stats, std::make_tuple(sq_norms));
+  auto [stats, sq_norms, entry_order] = csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents,
+                                                      /*for_loss=*/true);
+  return std::tuple_cat(stats, std::make_tuple(sq_norms, entry_order));
 }
 
 TORCH_LIBRARY_IMPL(monoloss_kernels, CPU, m) {
