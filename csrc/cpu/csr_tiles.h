@@ -222,7 +222,7 @@ void kept_block_order(const int64_t* crow, const value_t* values, int64_t row_be
     const int64_t j = latents[p];
     TORCH_CHECK_VALUE(j >= 0 && j < M && (p == 0 || j >= latents[p - 1]) && order.rows[p] >= 0 &&
                           order.rows[p] < block_rows && order.source[p] >= 0 && order.source[p] < count,
-                      "entry_order is not the order monoloss_stats_csr returned for these inputs");
+                      "entry_order is not a valid order of these entries (the one monoloss_stats_csr returned)");
     ++order.offsets[j + 1];
   }
   for (int64_t j = 0; j < M; ++j) order.offsets[j + 1] += order.offsets[j];
@@ -231,7 +231,8 @@ void kept_block_order(const int64_t* crow, const value_t* values, int64_t row_be
   });
 }
 
-// Fetches the tile rows of entries p + kPrefetchEntries (rows is padded for it).
+// Fetches the tile rows of entries p + kPrefetchEntries (rows is padded for it,
+// or is followed by the rest of a KeptOrder).
 MONOLOSS_VECTOR_INLINE void prefetch_tile_row(const float* tile, const int32_t* rows, int64_t p) {
   const float* row = tile + int64_t{rows[p + kPrefetchEntries]} * kTileWidth;
   for (int64_t l = 0; l < kTileLines; ++l) __builtin_prefetch(row + l * kLineFloats);
