@@ -15,6 +15,7 @@
 #include "buffer_pool.h"
 #include "vectorize.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -229,6 +230,13 @@ void kept_block_order(const int64_t* crow, const value_t* values, int64_t row_be
   at::parallel_for(0, count, kEntryPassGrain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) order.values[p] = values[first + order.source[p]];
   });
+}
+
+// δ = act_min - shift per latent, float32: the shift that takes MonoLoss's fused
+// squared norms (forward and backward) to each latent's minimum, as finalize
+// passes it to shifted_sq_norms.
+inline at::Tensor shift_to_min(const at::Tensor& act_range, const at::Tensor& shift) {
+  return (act_range.select(0, 0).to(at::kDouble) - shift.to(at::kDouble)).to(at::kFloat).contiguous();
 }
 
 // Fetches the tile rows of entries p + kPrefetchEntries (rows is padded for it,

@@ -395,10 +395,10 @@ at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const
                     op, ": entry_order must be the (3, nnz) int32 tensor monoloss_stats_csr returned");
   check_backward_inputs(op, emb, M, d, shift, act_range, cross, grad_moments, grad_range);
   // As finalize passes them to shifted_sq_norms: float32 unit_emb_sum and
-  // delta = act_min - shift; the squared norm's gradient is 2 g c.
+  // delta; the squared norm's gradient is 2 g c.
   const at::Tensor cross32 = cross.to(at::kFloat);
   const at::Tensor unit32 = unit_emb_sum.to(at::kFloat).contiguous();
-  const at::Tensor delta = (act_range.select(0, 0).to(at::kDouble) - shift.to(at::kDouble)).to(at::kFloat).contiguous();
+  const at::Tensor delta = shift_to_min(act_range, shift);
   const at::Tensor weight = (2 * grad_cross_sq_at_min).to(at::kFloat).contiguous();
   const CrossGrad grad{cross32.const_data_ptr<float>(), cross32.stride(0), cross32.stride(1),
                        unit32.const_data_ptr<float>(), delta.const_data_ptr<float>(), weight.const_data_ptr<float>()};
@@ -407,8 +407,6 @@ at::Tensor monoloss_stats_csr_backward_cpu(const at::Tensor& crow_indices, const
   return csr_backward_cpu(crow_indices, col_indices, values, emb, num_latents, shift, act_range, grad, grad_moments,
                           grad_range, &kept, op);
 }
-
-
 
 TORCH_LIBRARY_IMPL(monoloss_kernels, CPU, m) {
   m.impl("monoscore_stats_backward", &monoscore_stats_backward_cpu);

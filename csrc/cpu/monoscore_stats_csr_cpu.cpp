@@ -156,8 +156,6 @@ struct LatentScan {
         max(M, -std::numeric_limits<float>::infinity()) {}
 };
 
-}  // namespace
-
 // The statistics; for MonoLoss's op (`for_loss`) also the squared norms at the
 // minimum and the sorted entries (KeptOrder) for its backward, else undefined.
 std::tuple<MonoScoreStats, at::Tensor, at::Tensor> csr_stats_cpu(const at::Tensor& crow_indices,
@@ -229,19 +227,18 @@ std::tuple<MonoScoreStats, at::Tensor, at::Tensor> csr_stats_cpu(const at::Tenso
 
   // What the squared norms at the minimum need per latent: the shift to it and
   // the latent's range, float32 as finalize passes them to shifted_sq_norms.
-  std::vector<float> delta, scale, inv_scale;
+  at::Tensor delta;
+  std::vector<float> scale, inv_scale;
   std::vector<double> tile_sq_norms;  // (num_tiles, M): each tile's share
   const int64_t num_tiles = (d + kTileWidth - 1) / kTileWidth;
   if (for_loss) {
     const float* act_min = act_range.select(0, 0).const_data_ptr<float>();
     const float* act_max = act_range.select(0, 1).const_data_ptr<float>();
-    const float* shift_ptr = shift.const_data_ptr<float>();
-    delta.resize(M);
+    delta = shift_to_min(act_range, shift);
     scale.resize(M);
     inv_scale.resize(M);
     tile_sq_norms.resize(num_tiles * M);
     for (int64_t j = 0; j < M; ++j) {
-      delta[j] = static_cast<float>(static_cast<double>(act_min[j]) - static_cast<double>(shift_ptr[j]));
       scale[j] = act_max[j] > act_min[j] ? act_max[j] - act_min[j] : 1.0f;
       inv_scale[j] = 1.0f / scale[j];
     }
@@ -306,7 +303,7 @@ std::tuple<MonoScoreStats, at::Tensor, at::Tensor> csr_stats_cpu(const at::Tenso
     at::parallel_for(0, num_tiles * latent_tasks, 1, [&](int64_t task0, int64_t task1) {
       at::Tensor tile = pooled_empty({tile_rows, kTileWidth}, f32);
       double tile_sum[kTileWidth];
-      TileSqNorms sq{{}, delta.data(), inv_scale.data(), nullptr};
+      TileSqNorms sq{{}, for_loss ? delta.const_data_ptr<float>() : nullptr, inv_scale.data(), nullptr};
       int64_t built = -1;
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t t = task / latent_tasks, j0 = task % latent_tasks * kLatentsPerTask;
@@ -341,6 +338,8 @@ std::tuple<MonoScoreStats, at::Tensor, at::Tensor> csr_stats_cpu(const at::Tenso
   for (int64_t j = 0; j < M; ++j) sq_ptr[j] *= static_cast<double>(scale[j]) * static_cast<double>(scale[j]);
   return {stats, sq_norms, entry_order};
 }
+
+}  // namespace
 
 MonoScoreStats monoscore_stats_csr_cpu(const at::Tensor& crow_indices, const at::Tensor& col_indices,
                                        const at::Tensor& values, const at::Tensor& emb, int64_t num_latents) {
