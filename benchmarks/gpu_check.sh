@@ -17,9 +17,10 @@
 # stopped with SIGINT, so pytest still prints its tables and writes its results,
 # and the sweep keeps to its own time budget (test_bench_scaling.PLANS) well before.
 # Knobs: GPU_CHECK_PROFILE (full), GPU_CHECK_BENCH (pytest paths, default benchmarks),
-# GPU_CHECK_BENCH_S (report limit, default 480), GPU_CHECK_TESTS (pytest paths; empty:
+# GPU_CHECK_BENCH_S (report limit, default 480), GPU_CHECK_TESTS_S (tests limit, default 210), GPU_CHECK_TESTS (pytest paths; empty:
 # no tests, the default, as tests and the full report do not both fit one call),
-# GPU_CHECK_EXTRAS=1 (diagnose/tune/accuracy scripts).
+# GPU_CHECK_EXTRAS=1 (diagnose/tune/accuracy scripts), GPU_CHECK_PROBE=1 (probe_split_gemm.py:
+# split-precision cuBLAS products and a profile of MonoLoss steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-run}"
@@ -31,6 +32,7 @@ BENCH="${GPU_CHECK_BENCH:-benchmarks}"
 BENCH_S="${GPU_CHECK_BENCH_S:-480}"
 TESTS="${GPU_CHECK_TESTS:-}"
 EXTRAS="${GPU_CHECK_EXTRAS:-0}"
+PROBE="${GPU_CHECK_PROBE:-0}"
 
 step() {  # step NAME SECONDS CMD...: runs CMD with a limit (SIGINT, then KILL 30 s later), logs to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
@@ -52,8 +54,9 @@ if ! $PY -c "import monoloss_kernels._C" 2>/dev/null; then  # an older pip/setup
   step build_inplace 150 $PY setup.py build_ext --inplace
 fi
 [ "$EXTRAS" = 1 ] && step diagnose 60 $PY benchmarks/diagnose_cuda.py
+[ "$PROBE" = 1 ] && step probe 90 $PY benchmarks/probe_split_gemm.py --profile-loss
 # xdist: a crashing test fails alone instead of ending the run; -v names every test.
-[ -n "$TESTS" ] && step tests 210 $PY -m pytest $TESTS -v -n 8 -rfEs -p no:cacheprovider
+[ -n "$TESTS" ] && step tests "${GPU_CHECK_TESTS_S:-210}" $PY -m pytest $TESTS -v -n 8 -rfEs -p no:cacheprovider
 step bench "$BENCH_S" $PY -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --profile "$PROFILE" \
   --results-dir "$OUT" --benchmark-json="$OUT/benchmark.json"
 if [ "$EXTRAS" = 1 ]; then
@@ -66,6 +69,7 @@ grep -q "build rc=0" "$OUT/steps.txt" && rm -f "$OUT/build.log"  # at most 8 fil
 echo "=== summary"
 cat "$OUT/steps.txt"
 [ -n "$TESTS" ] && grep -E "^(FAILED|ERROR)|passed|failed|crashed" "$OUT/tests.log" | tail -n 25
+[ "$PROBE" = 1 ] && grep -A 9 "== products" "$OUT/probe.log"
 if [ "$EXTRAS" = 1 ]; then
   tail -n 6 "$OUT/diagnose.log"
   grep -E "cuda" "$OUT/accuracy.log" | sort -k6 -g | tail -n 4
