@@ -295,7 +295,9 @@ def _run_bench(args, extra) -> int:
             f"`pip install --no-build-isolation -e .`, then run `monoloss-kernels bench` (or `pytest benchmarks/ "
             f"--benchmark-only`) there"
         )
-    command = [sys.executable, "-m", "pytest", str(bench_dir), "--benchmark-only"]
+    # Timings need one process: under pytest-xdist (installed, and switched on by a config's addopts
+    # or an enclosing xdist run's environment) pytest-benchmark disables itself and refuses --benchmark-only.
+    command = [sys.executable, "-m", "pytest", "-p", "no:xdist", str(bench_dir), "--benchmark-only"]
     if args.profile is not None:
         command += ["--profile", args.profile]
     command += [a for a in extra if a != "--"]

@@ -149,7 +149,7 @@ def _sq_norm_chunks(cross: Tensor):
     """
     latent_major = _is_latent_major(cross)
     x = cross.T if latent_major else cross.contiguous()
-    rows = x.shape[0]
+    rows = max(1, x.shape[0])  # d = 0: no chunk, and no zero step
     if x.device.type == "cpu":
         rows = max(1, 2**20 // (x.element_size() * max(x.shape[1], 1)))
     return x, latent_major, [slice(i, i + rows) for i in range(0, x.shape[0], rows)]

@@ -319,7 +319,10 @@ MEMORY_CHILD = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     source, emb_path, mapped_bytes, slack_bytes, batch_rows, file_bytes = sys.argv[1:7]
-    mk.monoscore(torch.rand(4096, 256), torch.rand(4096, 64))  # threads and allocator caches up before measuring
+    num_latents, dim = int(sys.argv[8]), int(sys.argv[9])
+    # Threads, their allocator arenas and the kernel's buffers up before measuring, at a batch's
+    # shape: a smaller warm-up left a 16-core machine (torch 2.11) short of the 48 MiB slack.
+    mk.monoscore(torch.rand(int(batch_rows), num_latents), torch.rand(int(batch_rows), dim))
     limit = data_bytes() + int(mapped_bytes) + int(slack_bytes)  # set before any cache file is opened
     resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.RLIM_INFINITY))
     cache = caches.open_activations(source)  # kept open: its map stays counted for the control below
@@ -366,7 +369,7 @@ def test_peak_memory_is_one_chunk(tmp_path, fmt):
     out = tmp_path / "scores.pt"
     child = subprocess.run(
         [sys.executable, "-c", MEMORY_CHILD, str(source), str(tmp_path / "emb.npy"), str(mapped), str(slack),
-         str(batch_rows), str(file_bytes), str(out)],
+         str(batch_rows), str(file_bytes), str(out), str(num_latents), str(dim)],
         capture_output=True, text=True, timeout=300,
     )
     assert child.returncode == 0, child.stderr[-3000:]

@@ -282,6 +282,7 @@ def test_bench_runs_the_benchmark_suite():
     result = run_cli("bench", "--profile", "quick", "--collect-only", "-q", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "--benchmark-only --profile quick --collect-only -q" in result.stderr
+    assert "-p no:xdist" in result.stderr
     assert "benchmarks/test_bench_monoscore.py::" in result.stdout
 
 
@@ -290,7 +291,7 @@ def test_bench_passes_arguments_through(monkeypatch):
     monkeypatch.setattr(cli.subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 5)
     assert cli.main(["bench", "--profile", "full", "-k", "topk", "--", "-x"]) == 5  # pytest's exit code
     (command, cwd), = calls
-    assert command == [sys.executable, "-m", "pytest", str(REPO / "benchmarks"), "--benchmark-only",
+    assert command == [sys.executable, "-m", "pytest", "-p", "no:xdist", str(REPO / "benchmarks"), "--benchmark-only",
                        "--profile", "full", "-k", "topk", "-x"]
     assert Path(cwd) == REPO
 
