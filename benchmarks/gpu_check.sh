@@ -19,7 +19,8 @@
 # Knobs: GPU_CHECK_PROFILE (full), GPU_CHECK_BENCH (pytest paths, default benchmarks),
 # GPU_CHECK_BENCH_S (report limit, default 480), GPU_CHECK_TESTS_S (tests limit, default 210), GPU_CHECK_TESTS (pytest paths; empty:
 # no tests, the default, as tests and the full report do not both fit one call),
-# GPU_CHECK_EXTRAS=1 (diagnose/tune/accuracy scripts), GPU_CHECK_PROBE=1 (probe_split_gemm.py:
+# GPU_CHECK_EXTRAS=1 (diagnose/tune/accuracy scripts), GPU_CHECK_PROBE=1 (probe_split_gemm.py, with
+# GPU_CHECK_PROBE_ARGS, e.g. --profile-loss:
 # split-precision cuBLAS products and a profile of MonoLoss steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ if ! $PY -c "import monoloss_kernels._C" 2>/dev/null; then  # an older pip/setup
   step build_inplace 150 $PY setup.py build_ext --inplace
 fi
 [ "$EXTRAS" = 1 ] && step diagnose 60 $PY benchmarks/diagnose_cuda.py
-[ "$PROBE" = 1 ] && step probe 90 $PY benchmarks/probe_split_gemm.py --profile-loss
+[ "$PROBE" = 1 ] && step probe 90 $PY benchmarks/probe_split_gemm.py ${GPU_CHECK_PROBE_ARGS:-}
 # xdist: a crashing test fails alone instead of ending the run; -v names every test.
 [ -n "$TESTS" ] && step tests "${GPU_CHECK_TESTS_S:-210}" $PY -m pytest $TESTS -v -n 8 -rfEs -p no:cacheprovider
 step bench "$BENCH_S" $PY -m pytest $BENCH --benchmark-only -q -p no:cacheprovider --profile "$PROFILE" \
@@ -69,7 +70,7 @@ grep -q "build rc=0" "$OUT/steps.txt" && rm -f "$OUT/build.log"  # at most 8 fil
 echo "=== summary"
 cat "$OUT/steps.txt"
 [ -n "$TESTS" ] && grep -E "^(FAILED|ERROR)|passed|failed|crashed" "$OUT/tests.log" | tail -n 25
-[ "$PROBE" = 1 ] && grep -A 9 "== products" "$OUT/probe.log"
+[ "$PROBE" = 1 ] && grep -A 10 "== products" "$OUT/probe.log"
 if [ "$EXTRAS" = 1 ]; then
   tail -n 6 "$OUT/diagnose.log"
   grep -E "cuda" "$OUT/accuracy.log" | sort -k6 -g | tail -n 4

@@ -9,8 +9,10 @@ Variants of the product (each a sum of cuBLAS GEMMs on split operands):
   tf32      one TF32 GEMM (the accuracy plain tensor cores give)
   bf16      one bf16 GEMM
   3xtf32    hi·hi + hi·lo + lo·hi in TF32 (hi = x rounded to TF32, lo = x - hi)
-  tf32+bf16 hi·hi in TF32, the two correction terms as one bf16 GEMM over 2N rows
-            (they need ~11 bits: lo is 2^-11 of x, so bf16 rounding costs ~2^-20)
+  split/C   the CUDA backend's scheme: both operands rows-contiguous (K-major), hi·hi in
+            TF32 as one product per C rows summed in float32 (the tensor cores truncate
+            as they accumulate, so one long product drifts), the two corrections as one
+            bf16 GEMM over 2N rows (they need ~10 bits: lo is 2^-10 of x)
 Accuracy: the scores from each variant's cross against the scores from a float64 cross
 of the same inputs (moments exact in float64), max |Δscore|; relu(randn) activations and
 1000 + randn ones (shifted by the first row before the split, as the CUDA kernel does).
@@ -26,6 +28,11 @@ def tf32_round(x: torch.Tensor) -> torch.Tensor:
     """x rounded to nearest TF32 (10 explicit mantissa bits), kept in float32."""
     bits = x.view(torch.int32)
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def tf32_truncate(x: torch.Tensor) -> torch.Tensor:
+    """x truncated to TF32, as the CUDA kernel splits it."""
+    return (x.view(torch.int32) & ~0x1FFF).view(torch.float32)
 
 
 def timed(fn, reps=10):
@@ -60,32 +67,39 @@ def products(unit: torch.Tensor, shifted: torch.Tensor):
         set_tf32(False)
         return out
 
-    def split_mixed():
-        e_hi, a_hi = tf32_round(unit), tf32_round(shifted)
-        corr_e = torch.cat([(unit - e_hi).bfloat16(), e_hi.bfloat16()])  # (2N, d)
-        corr_a = torch.cat([a_hi.bfloat16(), (shifted - a_hi).bfloat16()])  # (2N, M)
-        return e_hi, a_hi, corr_e, corr_a
-
-    def gemm_mixed(ops):
-        e_hi, a_hi, corr_e, corr_a = ops
-        set_tf32(True)
-        out = e_hi.T @ a_hi
-        set_tf32(False)
-        return out + (corr_e.T @ corr_a).float()
-
     def gemm_tf32(ops):
         set_tf32(True)
         out = ops[0].T @ ops[1]
         set_tf32(False)
         return out
 
-    return {
+    def split_k_major():
+        e_t, a_t = unit.T.contiguous(), shifted.T.contiguous()  # (d, N), (M, N): rows contiguous
+        e_hi, a_hi = tf32_truncate(e_t), tf32_truncate(a_t)
+        e_parts = torch.cat([(e_t - e_hi).bfloat16(), e_hi.bfloat16()], 1)
+        a_parts = torch.cat([a_hi.bfloat16(), (a_t - a_hi).bfloat16()], 1)
+        return e_hi, a_hi, e_parts, a_parts
+
+    def gemm_chunked(chunk):
+        def gemm(ops):  # as csrc/cuda/monoscore_stats_cuda.cu: TF32 chunks summed, one bf16 correction
+            e_hi, a_hi, e_parts, a_parts = ops
+            rows = e_hi.shape[1]
+            set_tf32(True)
+            partial = torch.bmm(e_hi.view(-1, rows // chunk, chunk).transpose(0, 1),
+                                a_hi.view(-1, rows // chunk, chunk).permute(1, 2, 0))
+            set_tf32(False)
+            return partial.sum(0) + (e_parts @ a_parts.T).float()
+        return gemm
+
+    variants = {
         "sgemm": (lambda: (unit, shifted), lambda ops: ops[0].T @ ops[1]),
         "tf32": (lambda: (unit, shifted), gemm_tf32),
-        "bf16": (lambda: (unit.bfloat16(), shifted.bfloat16()), lambda ops: (ops[0].T @ ops[1]).float()),
         "3xtf32": (split_3xtf32, gemm_3xtf32),
-        "tf32+bf16": (split_mixed, gemm_mixed),
     }
+    for chunk in (1024, 2048, 4096, unit.shape[0]):
+        if unit.shape[0] % chunk == 0:
+            variants[f"split/{chunk}"] = (split_k_major, gemm_chunked(chunk))
+    return variants
 
 
 def scores_from_cross(cross, acts64, shift64, unit64):
