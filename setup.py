@@ -19,7 +19,6 @@ Environment switches:
 """
 
 import glob
-import importlib.util
 import json
 import os
 import platform
@@ -78,29 +77,10 @@ def _extension(with_cuda):
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     define_macros.append(("MONOLOSS_WITH_CUDA", None))
     extra_compile_args["nvcc"] = ["-O3", "--threads", os.environ.get("NVCC_THREADS", "2")]
-    for path in _cuda_library_includes():
-        extra_compile_args["nvcc"] += ["-isystem", path]
     return CUDAExtension(
         "monoloss_kernels._C", sources, define_macros=define_macros,
         extra_compile_args=extra_compile_args, extra_link_args=extra_link_args,
     )
-
-
-def _cuda_library_includes():
-    """Include folders of torch's pip CUDA libraries (nvidia/cu13/include, or per library for
-    CUDA 12), for the cuBLAS headers that ATen/cuda/CUDAContext.h includes where the toolkit
-    has only the compiler and runtime (as this project's CI machine). Passed as -isystem, so
-    the toolkit's own headers come first."""
-    if os.path.isfile(os.path.join(CUDA_HOME, "include", "cublas_v2.h")):
-        return []
-    spec = importlib.util.find_spec("nvidia")
-    roots = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-    found = []
-    for root in roots:
-        for include in sorted(glob.glob(os.path.join(root, "*", "include"))):
-            if any(os.path.isfile(os.path.join(include, h)) for h in ("cublas_v2.h", "cusparse.h", "cusolverDn.h")):
-                found.append(include)
-    return found
 
 
 def _nvcc_version():

@@ -9,7 +9,8 @@ Variants of the product (each a sum of cuBLAS GEMMs on split operands):
   tf32      one TF32 GEMM (the accuracy plain tensor cores give)
   bf16      one bf16 GEMM
   3xtf32    hi·hi + hi·lo + lo·hi in TF32 (hi = x rounded to TF32, lo = x - hi)
-  split/C   the CUDA backend's scheme: both operands rows-contiguous (K-major), hi·hi in
+  split/C   the scheme of the tensor-core CUDA kernel tried in
+            benchmarks/results/NVIDIA-H200/run7-split-gemm: both operands rows-contiguous (K-major), hi·hi in
             TF32 as one product per C rows summed in float32 (the tensor cores truncate
             as they accumulate, so one long product drifts), the two corrections as one
             bf16 GEMM over 2N rows (they need ~10 bits: lo is 2^-10 of x)
@@ -81,7 +82,7 @@ def products(unit: torch.Tensor, shifted: torch.Tensor):
         return e_hi, a_hi, e_parts, a_parts
 
     def gemm_chunked(chunk):
-        def gemm(ops):  # as csrc/cuda/monoscore_stats_cuda.cu: TF32 chunks summed, one bf16 correction
+        def gemm(ops):  # TF32 chunks summed in float32, one bf16 correction GEMM
             e_hi, a_hi, e_parts, a_parts = ops
             rows = e_hi.shape[1]
             set_tf32(True)

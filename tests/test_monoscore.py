@@ -89,20 +89,6 @@ def test_large_n_float32(backend_device, case):
     check_scores(scores, acts, emb, torch.float32, reference=closed_form_monoscore)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel's row groups need a GPU")
-@pytest.mark.parametrize("case", ["relu", "offset"])
-def test_cuda_row_groups_float32(case):
-    """The CUDA kernel splits acts for the tensor cores in row groups of at most 1 GiB of
-    split copies (65536 rows at M = 2048) and pads the last one to whole 1024-row chunks:
-    N = 70001 takes two groups, the second partial, within the 2e-5 bound."""
-    gen = torch.Generator().manual_seed(31)
-    n, m, d = 70_001, 2048, 13
-    acts = make_acts(case, n, m, gen).float().cuda()
-    emb = make_emb("zero_dup", n, d, gen).float().cuda()
-    scores = mk.monoscore(acts, emb, backend="cuda")
-    check_scores(scores, acts, emb, torch.float32, reference=closed_form_monoscore)
-
-
 @pytest.mark.parametrize("case", ACT_CASES)
 def test_closed_form_reference_matches_pairwise(case):
     gen = torch.Generator().manual_seed(5)
