@@ -129,7 +129,7 @@ def _check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None
 def _check_latent_range(name: str, cols: Tensor, num_latents: int) -> None:
     if cols.numel() == 0:
         return
-    lo, hi = (int(x) for x in cols.aminmax())
+    lo, hi = torch.stack(cols.aminmax()).tolist()  # one read from the device, not two
     if lo < 0 or hi >= num_latents:
         raise ValueError(
             f"{name} must lie in [0, num_latents={num_latents}), got values from {lo} to {hi}"
@@ -347,9 +347,12 @@ def check_stats_finite(stats, emb: Tensor) -> None:
     """Refuses NaN/Inf inputs after the kernels, from the small statistics, so that
     acts is read once: its float64 moments are finite iff acts is (|b|² < 1e77 for
     float32 b), and unit_emb_sum iff every emb row has a finite float32 norm."""
-    if not bool(torch.isfinite(stats.moments).all()):
+    # Both flags in one read: on a GPU each read waits for the queued work.
+    acts_finite, emb_finite = torch.stack([torch.isfinite(stats.moments).all(),
+                                           torch.isfinite(stats.unit_emb_sum).all()]).tolist()
+    if not acts_finite:
         raise ValueError("acts contains NaN or Inf values")
-    if not bool(torch.isfinite(stats.unit_emb_sum).all()):
+    if not emb_finite:
         if not bool(torch.isfinite(emb).all()):
             raise ValueError("emb contains NaN or Inf values")
         raise ValueError(
