@@ -41,6 +41,13 @@ void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, in
                            const at::Tensor& shift, const at::Tensor& act_range, const at::Tensor& grad_cross,
                            const at::Tensor& grad_moments, const at::Tensor& grad_range);
 
+// finalize_scores(_backward)'s statistics, checked (shapes, one device, floating
+// point) and as contiguous float64, the one precision of their kernels:
+// {moments (4, M), act_range (2, M), shift (M), counts (2), cross_sq_at_min (M)}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize_inputs(
+    const char* op, const at::Tensor& moments, const at::Tensor& act_range, const at::Tensor& shift,
+    const at::Tensor& counts, const at::Tensor& cross_sq_at_min);
+
 // 1 / ||emb[n]|| as float32: 0 for zero rows, NaN for rows whose norm is not
 // finite in float32 (NaN/Inf values, or overflow), which makes unit_emb_sum
 // non-finite: the Python wrapper then refuses emb.

@@ -94,6 +94,31 @@ void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, in
   }
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize_inputs(
+    const char* op, const at::Tensor& moments, const at::Tensor& act_range, const at::Tensor& shift,
+    const at::Tensor& counts, const at::Tensor& cross_sq_at_min) {
+  const std::string name(op);
+  TORCH_CHECK(moments.dim() == 2 && moments.size(0) == 4, name + ": moments must have shape (4, M)");
+  const int64_t M = moments.size(1);
+  const std::string m = std::to_string(M);
+  TORCH_CHECK(act_range.dim() == 2 && act_range.size(0) == 2 && act_range.size(1) == M,
+              name + ": act_range must have shape (2, " + m + ")");
+  TORCH_CHECK(shift.dim() == 1 && shift.size(0) == M, name + ": shift must have shape (" + m + ",)");
+  TORCH_CHECK(counts.dim() == 1 && counts.size(0) == 2, name + ": counts must have shape (2,)");
+  TORCH_CHECK(cross_sq_at_min.dim() == 1 && cross_sq_at_min.size(0) == M,
+              name + ": cross_sq_at_min must have shape (" + m + ",)");
+  for (const at::Tensor* t : {&act_range, &shift, &counts, &cross_sq_at_min}) {
+    TORCH_CHECK(t->device() == moments.device(),
+                name + ": every input must be on " + moments.device().str() + ", got one on " + t->device().str());
+  }
+  for (const at::Tensor* t : {&moments, &act_range, &shift, &counts, &cross_sq_at_min}) {
+    TORCH_CHECK(at::isFloatingType(t->scalar_type()), name + ": the statistics must be floating point, got " +
+                std::string(c10::toString(t->scalar_type())));
+  }
+  const auto f64 = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
+  return {f64(moments), f64(act_range), f64(shift), f64(counts), f64(cross_sq_at_min)};
+}
+
 at::Tensor row_inv_norm(const at::Tensor& emb) {
   const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
   const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kFloat);

@@ -170,7 +170,7 @@ class MonoScoreAccumulator:
                     torch.minimum(sums.act_range[0], stats.act_range[0]),
                     torch.maximum(sums.act_range[1], stats.act_range[1]),
                 ]),
-                moments=sums.moments.add_(_reshift_moments(stats, delta)),
+                moments=sums.moments.add_(_reshift_moments(stats.moments, stats.counts, delta)),
                 counts=sums.counts.add_(stats.counts),
             )
         self.num_rows += num_rows

@@ -75,11 +75,11 @@ class MonoScoreStats(NamedTuple):
     counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
 
 
-def _reshift_moments(stats: MonoScoreStats, delta: Tensor) -> Tensor:
-    """(4, M) float64 moments of b - delta."""
-    num_rows, num_unit_rows = stats.counts[0], stats.counts[1]
+def _reshift_moments(moments: Tensor, counts: Tensor, delta: Tensor) -> Tensor:
+    """(4, M) float64 moments of b - delta, from those of b and the counts."""
+    num_rows, num_unit_rows = counts[0], counts[1]
     num_zero_rows = num_rows - num_unit_rows
-    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = stats.moments.unbind(0)
+    sum_b, sumsq_b, zero_sum_b, zero_sumsq_b = moments.unbind(0)
     return torch.stack([
         sum_b - num_rows * delta,
         sumsq_b - 2 * delta * sum_b + num_rows * delta * delta,
@@ -98,7 +98,7 @@ def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
     shift = shift.double()
     delta = shift - stats.shift.double()  # (M,)
     cross = stats.cross.double() - stats.unit_emb_sum[:, None] * delta[None, :]
-    return stats._replace(cross=cross, shift=shift, moments=_reshift_moments(stats, delta))
+    return stats._replace(cross=cross, shift=shift, moments=_reshift_moments(stats.moments, stats.counts, delta))
 
 
 def finalize(stats: MonoScoreStats, cross_sq_at_min: Tensor | None = None) -> Tensor:
@@ -110,25 +110,125 @@ def finalize(stats: MonoScoreStats, cross_sq_at_min: Tensor | None = None) -> Te
     Works at the shift b = a - min (= ã·(max - min)). ‖Σ Ê b‖² comes from
     `shifted_sq_norms`, which forms Σ Ê b = cross - δ ΣÊ in the precision of `cross`
     (the shift is at most a few ranges, so nothing cancels; the expanded
-    ‖cross‖² - 2δΣêᵀcross + δ²‖Σê‖² would).
+    ‖cross‖² - 2δΣêᵀcross + δ²‖Σê‖² would). The rest is one op, `finalize_scores`,
+    with its own backward op.
     """
-    act_min, act_max = stats.act_range[0], stats.act_range[1]
-    delta = act_min.double() - stats.shift.double()  # (M,)
-    sum_a, sumsq_a, _, zero_sumsq_a = _reshift_moments(stats, delta).unbind(0)
     dtype = stats.cross.dtype
-    # A constant (no gradient: the result does not depend on it); 1 for constant latents.
-    act_scale = torch.where(act_max > act_min, act_max - act_min, 1.0).detach().to(dtype)  # (M,)
     if cross_sq_at_min is None:
+        act_min, act_max = stats.act_range[0], stats.act_range[1]
+        delta = act_min.double() - stats.shift.double()  # (M,)
+        # A constant (no gradient: the result does not depend on it); 1 for constant latents.
+        act_scale = torch.where(act_max > act_min, act_max - act_min, 1.0).detach().to(dtype)  # (M,)
         cross_sq_at_min = torch.ops.monoloss_kernels.shifted_sq_norms(
             stats.cross, stats.unit_emb_sum.to(dtype), delta.to(dtype), act_scale
         )
-    numerator = cross_sq_at_min - (sumsq_a - zero_sumsq_a)
+    return torch.ops.monoloss_kernels.finalize_scores(
+        stats.moments, stats.act_range, stats.shift, stats.counts, cross_sq_at_min, DEN_RTOL, dtype
+    )
+
+
+def _score_terms(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor, den_rtol: float):
+    """float64 per-latent terms of the score at the shift b = a - min: δ, the moments there
+    (Σb, Σb², Σ over zero-norm rows of b²), the denominator and where the score is defined."""
+    act_min, act_max = act_range[0], act_range[1]
+    delta = act_min.double() - shift.double()
+    sum_a, sumsq_a, _, zero_sumsq_a = _reshift_moments(moments, counts, delta).unbind(0)
+    num_rows = counts[0]
     denominator = sum_a * sum_a - sumsq_a
-    num_rows = stats.counts[0]
-    defined = (act_max > act_min) & (denominator > DEN_RTOL * num_rows * sum_a * sum_a)
+    defined = (act_max > act_min) & (denominator > den_rtol * num_rows * sum_a * sum_a)
+    return delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined
+
+
+def torch_finalize_scores(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor, cross_sq_at_min: Tensor,
+                          den_rtol: float, out_dtype: torch.dtype) -> Tensor:
+    """`finalize_scores` in plain torch, for every device (the extension replaces it on
+    the CPU and CUDA)."""
+    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = _score_terms(
+        moments, act_range, shift, counts, den_rtol)
+    numerator = cross_sq_at_min - (sumsq_a - zero_sumsq_a)
     safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
-    score = torch.where(defined, numerator / safe_denominator, torch.full_like(numerator, float("nan")))
-    return score.to(dtype)
+    return torch.where(defined, numerator / safe_denominator, float("nan")).to(out_dtype)
+
+
+def torch_finalize_scores_backward(grad_scores: Tensor, moments: Tensor, act_range: Tensor, shift: Tensor,
+                                   counts: Tensor, cross_sq_at_min: Tensor,
+                                   den_rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`finalize_scores_backward` in plain torch, for every device."""
+    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = _score_terms(
+        moments, act_range, shift, counts, den_rtol)
+    num_rows, num_zero_rows = counts[0], counts[0] - counts[1]
+    sum_b, _, zero_sum_b, _ = moments.unbind(0)
+    safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
+    score = (cross_sq_at_min - (sumsq_a - zero_sumsq_a)) / safe_denominator
+    grad = torch.where(defined, grad_scores.double(), 0.0)
+    grad_num = grad / safe_denominator
+    grad_den = -grad * score / safe_denominator
+    grad_sum_a = 2 * sum_a * grad_den
+    grad_sumsq_a = -grad_num - grad_den
+    grad_zero_sumsq_a = grad_num
+    grad_delta = (-num_rows * grad_sum_a + (2 * num_rows * delta - 2 * sum_b) * grad_sumsq_a
+                  + (2 * num_zero_rows * delta - 2 * zero_sum_b) * grad_zero_sumsq_a)
+    grad_moments = torch.stack([grad_sum_a - 2 * delta * grad_sumsq_a, grad_sumsq_a,
+                                -2 * delta * grad_zero_sumsq_a, grad_zero_sumsq_a])
+    grad_range = torch.stack([grad_delta, torch.zeros_like(grad_delta)]).to(act_range.dtype)
+    return (grad_moments.to(moments.dtype), grad_range, (-grad_delta).to(shift.dtype),
+            grad_num.to(cross_sq_at_min.dtype))
+
+
+@torch.library.custom_op("monoloss_kernels::finalize_scores", mutates_args=())
+def finalize_scores(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor, cross_sq_at_min: Tensor,
+                    den_rtol: float, out_dtype: torch.dtype) -> Tensor:
+    """(M,) scores in `out_dtype` from the statistics and ‖Σ Ê (a - min)‖² per latent:
+    (‖·‖² - Σ_{unit rows} (a - min)²) / ((Σ (a - min))² - Σ (a - min)²), NaN where undefined
+    (constant latents, denominators below den_rtol·N·(Σ(a - min))²), in float64.
+
+    One op (with `finalize_scores_backward`) rather than the ~25 elementwise torch ops it
+    replaces, and ~40 more in their autograd: on a GPU each is a kernel launch, and a
+    MonoLoss step there was bound by the host (benchmarks/results/NVIDIA-H200/run6-suite).
+    `torch_finalize_scores` serves every device; the extension registers CPU and CUDA
+    kernels that replace it (csrc/finalize_math.h: the per-latent arithmetic both share).
+    """
+    return torch_finalize_scores(moments, act_range, shift, counts, cross_sq_at_min, den_rtol, out_dtype)
+
+
+@finalize_scores.register_fake
+def _(moments, act_range, shift, counts, cross_sq_at_min, den_rtol, out_dtype):
+    return moments.new_empty((moments.shape[1],), dtype=out_dtype)
+
+
+@torch.library.custom_op("monoloss_kernels::finalize_scores_backward", mutates_args=())
+def finalize_scores_backward(grad_scores: Tensor, moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor,
+                             cross_sq_at_min: Tensor, den_rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of `finalize_scores` with respect to moments, act_range (its min row;
+    the max row only selects where a score is defined), shift and cross_sq_at_min, each
+    in its input's dtype; zero where the score is undefined. With score = num / den,
+    g_num = g / den and g_den = -g·score / den, through the moments at b = a - min
+    (Σ(a - min) = Σb - Nδ, Σ(a - min)² = Σb² - 2δΣb + Nδ², likewise over zero-norm rows)
+    and δ = min - shift."""
+    return torch_finalize_scores_backward(grad_scores, moments, act_range, shift, counts, cross_sq_at_min, den_rtol)
+
+
+@finalize_scores_backward.register_fake
+def _(grad_scores, moments, act_range, shift, counts, cross_sq_at_min, den_rtol):
+    return (torch.empty_like(moments), torch.empty_like(act_range), torch.empty_like(shift),
+            torch.empty_like(cross_sq_at_min))
+
+
+def _finalize_scores_setup_context(ctx, inputs, output):
+    moments, act_range, shift, counts, cross_sq_at_min, den_rtol, _ = inputs
+    ctx.save_for_backward(moments, act_range, shift, counts, cross_sq_at_min)
+    ctx.den_rtol = den_rtol
+
+
+def _finalize_scores_autograd(ctx, grad_scores):
+    grad_moments, grad_range, grad_shift, grad_cross_sq = torch.ops.monoloss_kernels.finalize_scores_backward(
+        grad_scores, *ctx.saved_tensors, ctx.den_rtol)
+    needed = ctx.needs_input_grad
+    return (grad_moments if needed[0] else None, grad_range if needed[1] else None,
+            grad_shift if needed[2] else None, None, grad_cross_sq if needed[4] else None, None, None)
+
+
+finalize_scores.register_autograd(_finalize_scores_autograd, setup_context=_finalize_scores_setup_context)
 
 
 def _is_latent_major(cross: Tensor) -> bool:

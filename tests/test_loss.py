@@ -470,3 +470,75 @@ def test_torch_compile_of_a_training_step():
     (compiled_grad,) = torch.autograd.grad(compiled, weight)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+def _finalize_inputs(act_dtype: torch.dtype):
+    """finalize_scores' inputs from a small float64 batch: defined latents, one constant
+    and one with a single value above its minimum (both undefined), zero-norm rows;
+    act_range and shift in `act_dtype` (float32 from every kernel, float64 from reshift)."""
+    from monoloss_kernels.stats import torch_shifted_sq_norms
+
+    gen = torch.Generator().manual_seed(83)
+    acts = make_acts("mixed_offset", 41, 9, gen).double()
+    acts[:, 2] = 3.0
+    acts[:, 5] = -1.0
+    acts[7, 5] = 2.0
+    emb = make_emb("zero_dup", 41, 6, gen).double()
+    stats = MonoScoreStats(*torch.ops.monoloss_kernels.monoscore_stats_torch(acts, emb))
+    delta = stats.act_range[0].double() - stats.shift.double()
+    scale = torch.where(stats.act_range[1] > stats.act_range[0], stats.act_range[1] - stats.act_range[0], 1.0)
+    cross_sq = torch_shifted_sq_norms(stats.cross.double(), stats.unit_emb_sum, delta, scale.double())
+    return stats.moments, stats.act_range.to(act_dtype), stats.shift.to(act_dtype), stats.counts, cross_sq
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.float64])
+def test_finalize_scores_op_and_gradient(act_dtype):
+    """finalize's score op pair (on the CPU the extension's kernels, whose arithmetic the
+    CUDA kernels share) against the torch implementation, and that implementation's
+    backward against autograd of its own forward; zero gradients where a score is
+    undefined, each gradient in its input's dtype; opcheck of both ops."""
+    from monoloss_kernels.stats import DEN_RTOL, torch_finalize_scores, torch_finalize_scores_backward
+
+    for op in ("finalize_scores", "finalize_scores_backward"):  # the kernels under test, if built
+        assert _extension.has_kernel("CPU", f"monoloss_kernels::{op}") == (_extension.EXTENSION_ERROR is None)
+    inputs = _finalize_inputs(act_dtype)
+    for out_dtype in (torch.float32, torch.float64):
+        scores = torch.ops.monoloss_kernels.finalize_scores(*inputs, DEN_RTOL, out_dtype)
+        expected = torch_finalize_scores(*inputs, DEN_RTOL, out_dtype)
+        assert scores.dtype == out_dtype
+        torch.testing.assert_close(scores, expected, equal_nan=True)
+    assert scores[[2, 5]].isnan().all() and scores.isfinite().sum() == 7  # the undefined two, not vacuous
+    grad_scores = torch.randn(9, generator=torch.Generator().manual_seed(84), dtype=torch.float64)
+    grads = torch.ops.monoloss_kernels.finalize_scores_backward(grad_scores, *inputs, DEN_RTOL)
+    expected_grads = torch_finalize_scores_backward(grad_scores, *inputs, DEN_RTOL)
+    leaves = [inputs[i].clone().requires_grad_() for i in (0, 1, 2, 4)]
+    reference = torch_finalize_scores(leaves[0], leaves[1], leaves[2], inputs[3], leaves[3], DEN_RTOL, torch.float64)
+    torch.where(reference.isfinite(), reference * grad_scores, 0.0).sum().backward()
+    for ours, torch_formula, leaf in zip(grads, expected_grads, leaves):
+        assert ours.dtype == leaf.dtype
+        torch.testing.assert_close(ours, torch_formula)
+        torch.testing.assert_close(torch_formula, leaf.grad.to(torch_formula.dtype))
+    for grad in grads:
+        assert (grad[..., [2, 5]] == 0).all()
+    assert (grads[1][1] == 0).all()  # the max gets no gradient
+    # opcheck compares outputs without equal_nan: the defined latents only.
+    defined = [0, 1, 3, 4, 6, 7, 8]
+    moments, act_range, shift, counts, cross_sq = inputs
+    checked = (moments[:, defined], act_range[:, defined], shift[defined], counts, cross_sq[defined])
+    torch.library.opcheck(torch.ops.monoloss_kernels.finalize_scores.default, (*checked, DEN_RTOL, torch.float32))
+    torch.library.opcheck(torch.ops.monoloss_kernels.finalize_scores_backward.default,
+                          (grad_scores[defined].float(), *checked, DEN_RTOL))
+
+
+def test_finalize_scores_op_refuses_bad_shapes():
+    from monoloss_kernels.stats import DEN_RTOL
+
+    if _extension.EXTENSION_ERROR is not None:
+        pytest.skip("the shape checks are the C++ kernels'")
+    moments, act_range, shift, counts, cross_sq = _finalize_inputs(torch.float32)
+    with pytest.raises(RuntimeError, match=r"finalize_scores: act_range must have shape \(2, 9\)"):
+        torch.ops.monoloss_kernels.finalize_scores(moments, act_range[:, :8], shift, counts, cross_sq, DEN_RTOL,
+                                                   torch.float32)
+    with pytest.raises(RuntimeError, match=r"finalize_scores_backward: grad_scores must have shape \(9,\)"):
+        torch.ops.monoloss_kernels.finalize_scores_backward(torch.ones(8), moments, act_range, shift, counts,
+                                                            cross_sq, DEN_RTOL)
