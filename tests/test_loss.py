@@ -8,7 +8,7 @@ import monoloss_kernels as mk
 from monoloss_kernels import _autograd, _extension
 from monoloss_kernels.stats import MonoScoreStats, finalize
 
-from .helpers import densify, free_port, make_acts, make_emb, make_topk, seed_of
+from .helpers import DEVICES, densify, free_port, make_acts, make_emb, make_topk, seed_of
 
 # The issue's float32 bounds: the loss within 1e-5, the gradient within 1e-4 of its largest entry.
 LOSS_ATOL = 1e-5
@@ -491,24 +491,26 @@ def _finalize_inputs(act_dtype: torch.dtype):
     return stats.moments, stats.act_range.to(act_dtype), stats.shift.to(act_dtype), stats.counts, cross_sq
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.float64])
-def test_finalize_scores_op_and_gradient(act_dtype):
-    """finalize's score op pair (on the CPU the extension's kernels, whose arithmetic the
-    CUDA kernels share) against the torch implementation, and that implementation's
-    backward against autograd of its own forward; zero gradients where a score is
-    undefined, each gradient in its input's dtype; opcheck of both ops."""
+def test_finalize_scores_op_and_gradient(act_dtype, device):
+    """finalize's score op pair (the extension's CPU and CUDA kernels) against the torch
+    implementation, and that implementation's backward against autograd of its own
+    forward; zero gradients where a score is undefined, each gradient in its input's
+    dtype; opcheck of both ops."""
     from monoloss_kernels.stats import DEN_RTOL, torch_finalize_scores, torch_finalize_scores_backward
 
+    dispatch_key = "CUDA" if device == "cuda" else "CPU"
     for op in ("finalize_scores", "finalize_scores_backward"):  # the kernels under test, if built
-        assert _extension.has_kernel("CPU", f"monoloss_kernels::{op}") == (_extension.EXTENSION_ERROR is None)
-    inputs = _finalize_inputs(act_dtype)
+        assert _extension.has_kernel(dispatch_key, f"monoloss_kernels::{op}") == (_extension.EXTENSION_ERROR is None)
+    inputs = tuple(t.to(device) for t in _finalize_inputs(act_dtype))
     for out_dtype in (torch.float32, torch.float64):
         scores = torch.ops.monoloss_kernels.finalize_scores(*inputs, DEN_RTOL, out_dtype)
         expected = torch_finalize_scores(*inputs, DEN_RTOL, out_dtype)
         assert scores.dtype == out_dtype
         torch.testing.assert_close(scores, expected, equal_nan=True)
     assert scores[[2, 5]].isnan().all() and scores.isfinite().sum() == 7  # the undefined two, not vacuous
-    grad_scores = torch.randn(9, generator=torch.Generator().manual_seed(84), dtype=torch.float64)
+    grad_scores = torch.randn(9, generator=torch.Generator().manual_seed(84), dtype=torch.float64).to(device)
     grads = torch.ops.monoloss_kernels.finalize_scores_backward(grad_scores, *inputs, DEN_RTOL)
     expected_grads = torch_finalize_scores_backward(grad_scores, *inputs, DEN_RTOL)
     leaves = [inputs[i].clone().requires_grad_() for i in (0, 1, 2, 4)]
