@@ -14,6 +14,7 @@
 //   counts       (2,)   float64  N, number of rows with nonzero embedding norm
 #pragma once
 
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
@@ -47,6 +48,25 @@ void check_backward_inputs(const char* op, const at::Tensor& like, int64_t M, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize_inputs(
     const char* op, const at::Tensor& moments, const at::Tensor& act_range, const at::Tensor& shift,
     const at::Tensor& counts, const at::Tensor& cross_sq_at_min);
+
+// Float32 matrix products (at::mm and friends) in IEEE float32 while alive,
+// whatever the caller's torch.set_float32_matmul_precision or fp32_precision say:
+// "high" lets cuBLAS use TF32, "medium" lets oneDNN use bf16 on CPUs with AMX,
+// and either breaks the accuracy bound (CPU scores 8e-5 off at "medium", 2e-5
+// allowed). Every product of the kernels runs under one. cuBLAS: at::NoTF32Guard
+// (thread-local). oneDNN has no thread-local switch, so its process-wide setting
+// is switched for as long as any guard lives (counted, under a mutex) and then
+// restored: another thread's float32 products in that window run IEEE too.
+class IeeeFloat32Matmuls {
+ public:
+  IeeeFloat32Matmuls();
+  ~IeeeFloat32Matmuls();
+  IeeeFloat32Matmuls(const IeeeFloat32Matmuls&) = delete;
+  IeeeFloat32Matmuls& operator=(const IeeeFloat32Matmuls&) = delete;
+
+ private:
+  at::NoTF32Guard no_tf32_;
+};
 
 // 1 / ||emb[n]|| as float32: 0 for zero rows, NaN for rows whose norm is not
 // finite in float32 (NaN/Inf values, or overflow), which makes unit_emb_sum

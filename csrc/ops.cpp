@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <mutex>
 #include <string>
 
 #ifdef MONOLOSS_PYTHON_MODULE
@@ -117,6 +118,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> finalize_
   }
   const auto f64 = [](const at::Tensor& t) { return t.to(at::kDouble).contiguous(); };
   return {f64(moments), f64(act_range), f64(shift), f64(counts), f64(cross_sq_at_min)};
+}
+
+namespace {
+std::mutex ieee_matmuls_mutex;
+int ieee_matmuls_depth = 0;  // live IeeeFloat32Matmuls, all threads
+at::Float32Precision saved_onednn_precision = at::Float32Precision::IEEE;
+
+bool is_reduced(at::Float32Precision p) { return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16; }
+}  // namespace
+
+IeeeFloat32Matmuls::IeeeFloat32Matmuls() {
+  const std::lock_guard<std::mutex> lock(ieee_matmuls_mutex);
+  if (ieee_matmuls_depth++ > 0) return;
+  at::Context& context = at::globalContext();
+  saved_onednn_precision = context.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  if (is_reduced(saved_onednn_precision)) {
+    context.setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, at::Float32Precision::IEEE);
+  }
+}
+
+IeeeFloat32Matmuls::~IeeeFloat32Matmuls() {
+  const std::lock_guard<std::mutex> lock(ieee_matmuls_mutex);
+  if (--ieee_matmuls_depth > 0 || !is_reduced(saved_onednn_precision)) return;
+  at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, saved_onednn_precision);
 }
 
 at::Tensor row_inv_norm(const at::Tensor& emb) {

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import _extension
 from ._dispatch import available_backends, triton_runs_on
-from .stats import row_inv_norm
+from .stats import ieee_matmul, row_inv_norm
 
 try:  # registers the Triton backward ops; triton is optional
     from .ops import triton_monoscore_stats_backward  # noqa: F401
@@ -127,7 +127,7 @@ def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum
         )
         grad_acts = kernel(acts, emb, shift, act_range, grad_cross_, grad_moments_, grad_range_)
     elif acts_grad:
-        grad = unit @ grad_cross.float() if grad_cross is not None else torch.zeros_like(b)
+        grad = ieee_matmul(unit, grad_cross.float()) if grad_cross is not None else torch.zeros_like(b)
         if grad_moments is not None:
             g = grad_moments.float()
             grad += g[0] + 2 * b * g[1]
@@ -141,7 +141,7 @@ def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum
     if emb_grad:
         grad_unit = torch.zeros_like(unit)
         if grad_cross is not None:
-            grad_unit += b @ grad_cross.float().T
+            grad_unit += ieee_matmul(b, grad_cross.float().T)
         if grad_unit_emb_sum is not None:
             grad_unit += grad_unit_emb_sum.float()
         grad_emb = _emb_grad(emb, inv_norm, unit, grad_unit)

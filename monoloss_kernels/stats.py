@@ -35,6 +35,8 @@ batch is shifted by its minimum instead, which keeps always-on latents far
 from 0 exact.
 """
 
+import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
@@ -346,6 +348,50 @@ def _shifted_sq_norms_autograd(ctx, grad_sq_norms):
 shifted_sq_norms.register_autograd(_shifted_sq_norms_autograd, setup_context=_shifted_sq_norms_setup_context)
 
 
+_ieee_lock = threading.Lock()
+_ieee_depth = 0  # live ieee_float32_matmuls contexts, all threads
+_ieee_saved: list = []  # (settings object, its precision) switched by the outermost
+
+
+@contextlib.contextmanager
+def ieee_float32_matmuls():
+    """Float32 products in IEEE float32 inside, whatever the caller's
+    torch.set_float32_matmul_precision or fp32_precision say ("high" lets cuBLAS use
+    TF32, "medium" lets oneDNN use bf16 on CPUs with AMX; either breaks the accuracy
+    bound). The Python side of csrc's IeeeFloat32Matmuls: the settings are
+    process-wide, so they are switched while any context lives and then restored."""
+    global _ieee_depth
+    with _ieee_lock:
+        if _ieee_depth == 0:
+            _ieee_saved.clear()
+            for settings in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul):
+                if settings.fp32_precision in ("tf32", "bf16"):
+                    _ieee_saved.append((settings, settings.fp32_precision))
+                    settings.fp32_precision = "ieee"
+        _ieee_depth += 1
+    try:
+        yield
+    finally:
+        with _ieee_lock:
+            _ieee_depth -= 1
+            if _ieee_depth == 0:
+                for settings, precision in _ieee_saved:
+                    settings.fp32_precision = precision
+
+
+@torch.library.custom_op("monoloss_kernels::ieee_matmul", mutates_args=())
+def ieee_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b in IEEE float32 (see ieee_float32_matmuls): an op, so that torch.compile
+    keeps the precision switch out of its graphs."""
+    with ieee_float32_matmuls():
+        return a @ b
+
+
+@ieee_matmul.register_fake
+def _(a, b):
+    return a @ b
+
+
 def row_inv_norm(emb: Tensor) -> Tensor:
     """1/‖emb[n]‖ as float32: 0 for zero rows, NaN where the norm is not finite in
     float32 (NaN/Inf values or overflow), so that unit_emb_sum exposes bad rows."""
@@ -410,7 +456,7 @@ def torch_monoscore_stats(acts: Tensor, emb: Tensor) -> MonoScoreStats:
     # float32 products over row blocks, summed in float64: one float32 accumulation
     # over all N rows (cuBLAS, N = 65536) drifts past the 2e-5 bound.
     cross = sum(
-        (unit_emb[n0 : n0 + TORCH_ROWS_PER_PRODUCT].T @ shifted[n0 : n0 + TORCH_ROWS_PER_PRODUCT]).double()
+        ieee_matmul(unit_emb[n0 : n0 + TORCH_ROWS_PER_PRODUCT].T, shifted[n0 : n0 + TORCH_ROWS_PER_PRODUCT]).double()
         for n0 in range(0, acts.shape[0], TORCH_ROWS_PER_PRODUCT)
     )
     return MonoScoreStats(

@@ -67,6 +67,53 @@ def test_dense_loss_and_gradient(backend_device, case):
     check_grad(ours_acts.grad.cpu(), ref_acts.grad)
 
 
+# The caller's float32 matmul precision, each as a user would set it, and how the test
+# puts the default back: "high" is TF32 on cuBLAS, "medium" also bf16 on oneDNN (AMX CPUs).
+REDUCED_MATMUL_PRECISIONS = {
+    "legacy-high": (lambda: torch.set_float32_matmul_precision("high"),
+                    lambda: torch.set_float32_matmul_precision("highest")),
+    "legacy-medium": (lambda: torch.set_float32_matmul_precision("medium"),
+                      lambda: torch.set_float32_matmul_precision("highest")),
+    "fp32_precision": (lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                                setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16")),
+                       lambda: (setattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                                setattr(torch.backends.mkldnn.matmul, "fp32_precision", "none"))),
+}
+
+
+@pytest.mark.parametrize("setting", REDUCED_MATMUL_PRECISIONS)
+def test_caller_matmul_precision_does_not_reach_the_products(backend_device, setting):
+    """A training script's set_float32_matmul_precision("high"/"medium") (or fp32_precision
+    "tf32"/"bf16") must not turn our float32 products into TF32/bf16 ones: scores within
+    2e-5 of the pairwise definition, loss and gradient within the float32 bounds; the
+    caller's settings are the same afterwards. (On this project's AMX CPU, "medium" put
+    the cpu backend's scores 8e-5 off before the products were guarded.)"""
+    from monoloss_kernels.reference import pairwise_monoscore
+
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(seed_of("matmul precision", setting))
+    acts = make_acts("relu", 301, 67, gen).float()
+    emb = make_emb("plain", 301, 33, gen).float() + 0.3
+    ref_acts = acts.double().requires_grad_()
+    expected_loss = reference_loss(ref_acts, emb)
+    expected_loss.backward()
+    expected_scores = pairwise_monoscore(acts.double(), emb.double())
+    reduce_precision, restore_default = REDUCED_MATMUL_PRECISIONS[setting]
+    reduce_precision()
+    try:
+        settings = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+        scores = mk.monoscore(acts.to(device), emb.to(device), backend=backend)
+        ours_acts = acts.to(device).requires_grad_()
+        loss = mk.monoloss(ours_acts, emb.to(device), backend=backend)
+        loss.backward()
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == settings
+    finally:
+        restore_default()
+    torch.testing.assert_close(scores.double().cpu(), expected_scores, atol=2e-5, rtol=0, equal_nan=True)
+    assert abs(loss.item() - expected_loss.item()) <= LOSS_ATOL
+    check_grad(ours_acts.grad.cpu(), ref_acts.grad)
+
+
 @pytest.mark.parametrize("case", TOPK_CASES)
 def test_topk_loss_and_gradient(backend_device, case):
     """The gradient reaches the k stored values of each row, and equals the dense

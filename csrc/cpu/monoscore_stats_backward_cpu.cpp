@@ -229,7 +229,10 @@ at::Tensor monoscore_stats_backward_cpu(const at::Tensor& acts, const at::Tensor
   const LatentTerms terms = latent_terms(act_range, grad_moments, grad_range, min_ties, max_ties);
 
   at::Tensor grad = pooled_empty({N, M}, acts.options().dtype(at::kFloat));
-  at::mm_out(grad, emb.to(at::kFloat) * inv_norm.unsqueeze(1), g_cross);  // (N, d) @ (d, M)
+  {
+    const IeeeFloat32Matmuls ieee_matmuls;
+    at::mm_out(grad, emb.to(at::kFloat) * inv_norm.unsqueeze(1), g_cross);  // (N, d) @ (d, M)
+  }
   const float* s = shift32.const_data_ptr<float>();
   const float* inv = inv_norm.const_data_ptr<float>();
   float* o = grad.data_ptr<float>();

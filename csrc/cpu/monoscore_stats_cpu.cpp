@@ -150,6 +150,7 @@ MonoScoreStats accumulate(const at::Tensor& acts, const at::Tensor& emb,
   at::Tensor staged;
   if (!in_place) staged = at::empty({std::min(chunk_rows, N), M}, acts.options().dtype(at::kFloat));
 
+  const IeeeFloat32Matmuls ieee_matmuls;
   for (int64_t n0 = 0; n0 < N; n0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, N - n0);
     const at::Tensor acts_chunk = acts.narrow(0, n0, rows);

@@ -230,16 +230,13 @@ at::Tensor monoscore_stats_backward_cuda(const at::Tensor& acts, const at::Tenso
   const at::Tensor range32 = act_range.to(at::kFloat).contiguous();
   const at::Tensor shift32 = shift.to(at::kFloat).contiguous();
 
-  // Ê G in float32 (N, M). The scores' gradients are checked to float32 accuracy,
-  // and TF32 (10-bit mantissas: ~1e-3 relative) would break that whenever a user
-  // turned it on for their own matmuls (torch.backends.cuda.matmul.allow_tf32,
-  // set_float32_matmul_precision("high")). NoTF32Guard is thread-local and switches
-  // it off for cuBLAS handles fetched in its scope, whatever the global flag says;
-  // torch's cublasLt path does not consult it (as of 2.14), which is only taken
-  // where the user prefers cublasLt (TORCH_BLAS_PREFER_CUBLASLT=1).
+  // Ê G in float32 (N, M), never TF32 (~1e-3 relative), whatever the caller's
+  // matmul precision (IeeeFloat32Matmuls: cuBLAS handles fetched in its scope; torch's
+  // cublasLt path does not consult it as of 2.14, and is only taken where the user
+  // prefers cublasLt, TORCH_BLAS_PREFER_CUBLASLT=1).
   at::Tensor grad = at::empty({N, M}, acts.options().dtype(at::kFloat));
   {
-    const at::NoTF32Guard no_tf32;
+    const IeeeFloat32Matmuls ieee_matmuls;
     at::mm_out(grad, emb.to(at::kFloat) * inv_norm.unsqueeze(1), grad_cross.to(at::kFloat));  // (N, d) @ (d, M)
   }
   if (M == 0) return grad.to(acts.scalar_type());
