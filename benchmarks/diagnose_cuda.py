@@ -5,7 +5,8 @@ the issue's size, and the C++ error path. GPU only.
     python benchmarks/diagnose_cuda.py
 
 It found (benchmarks/results/NVIDIA-H200/run3/diagnose.log) that a 3xTF32 WMMA
-cross kernel carried TF32-level errors, which is why the CUDA backend uses FMA.
+cross kernel carried TF32-level errors, which is why the CUDA backend keeps its products
+in IEEE float32 (an FMA kernel then, cuBLAS SGEMM since).
 """
 
 import torch
