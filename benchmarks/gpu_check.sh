@@ -10,8 +10,9 @@
 #   GPU_CHECK_TESTS="tests/test_autograd.py tests/test_backward.py tests/test_loss.py" \
 #     GPU_CHECK_BENCH=benchmarks/test_bench_monoloss.py GPU_CHECK_PROFILE=quick bash benchmarks/gpu_check.sh
 #   # next GPU session (never run on a GPU yet: the cuBLAS SGEMM statistics, the finalize_scores
-#   # kernels, the matmul-precision guard): their tests, then MonoScore and MonoLoss timings
-#   GPU_CHECK_TESTS="tests/test_monoscore.py tests/test_loss.py tests/test_ops.py" GPU_CHECK_TESTS_S=240 \
+#   # kernels, the matmul-precision guard, the float64 recomputation of ill-conditioned latents):
+#   # their tests, then MonoScore and MonoLoss timings
+#   GPU_CHECK_TESTS="tests/test_monoscore.py tests/test_sparse.py tests/test_loss.py tests/test_ops.py" GPU_CHECK_TESTS_S=240 \
 #     GPU_CHECK_BENCH="benchmarks/test_bench_monoscore.py benchmarks/test_bench_monoloss.py" \
 #     GPU_CHECK_PROFILE=quick GPU_CHECK_BENCH_S=240 bash benchmarks/gpu_check.sh
 #
@@ -68,6 +69,7 @@ step bench "$BENCH_S" $PY -m pytest $BENCH --benchmark-only -q -p no:cacheprovid
 if [ "$EXTRAS" = 1 ]; then
   step tune 60 $PY benchmarks/tune_triton.py
   step accuracy 30 $PY benchmarks/measure_accuracy.py --large
+  step ill_conditioned 60 $PY benchmarks/measure_accuracy.py --ill-conditioned  # g of each GPU kernel
 fi
 
 grep -q "build rc=0" "$OUT/steps.txt" && rm -f "$OUT/build.log"  # at most 8 files come back
@@ -79,6 +81,7 @@ cat "$OUT/steps.txt"
 if [ "$EXTRAS" = 1 ]; then
   tail -n 6 "$OUT/diagnose.log"
   grep -E "cuda" "$OUT/accuracy.log" | sort -k6 -g | tail -n 4
+  grep -E "backend|cuda" "$OUT/ill_conditioned.log"
 fi
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bench.log" | tail -n 15
 # The tables and plots written, without the list of points not run (it is in bench.log).

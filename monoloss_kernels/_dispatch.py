@@ -56,8 +56,10 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """The backends that can run on tensors on `device`, fastest first."""
+def available_backends(device: torch.device | str) -> list[str]:
+    """The backends that can run on tensors on `device` (a torch.device or a name such
+    as "cuda"), fastest first."""
+    device = torch.device(device)
     names = []
     if device.type == "cuda":
         if triton_stats is not None:

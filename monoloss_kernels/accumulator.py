@@ -22,7 +22,10 @@ STATE_VERSION = 1
 
 class MonoScoreAccumulator:
     """Streams MonoScore over batches of samples; `compute()` equals one `monoscore`
-    call over the concatenation of every batch seen (here, merged or all-reduced).
+    call over the concatenation of every batch seen (here, merged or all-reduced), except
+    for latents that one sample carries: `monoscore` recomputes those from its inputs
+    (monoloss_kernels/refine.py), while the accumulator, whose batches are gone, keeps
+    the one-pass form's error of about g·eps32·κ there.
 
         acc = MonoScoreAccumulator(num_latents=M, dim=d, device="cuda")
         for acts, emb in loader:   # dense (B, M), a TopK (values, indices) pair, COO or CSR
@@ -118,7 +121,8 @@ class MonoScoreAccumulator:
         return self
 
     def compute(self) -> Tensor:
-        """(M,) float32 MonoScore of every row seen; NaN where undefined (all NaN below 2 rows)."""
+        """(M,) float32 MonoScore of every row seen; NaN where undefined (all NaN below 2 rows).
+        The one-pass form: see the class docstring for the latents one sample carries."""
         if self.num_rows < 2:
             return torch.full((self.num_latents,), float("nan"), device=self.device)
         return finalize(self._sums).float()

@@ -5,6 +5,7 @@ from torch import Tensor
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
+from .refine import refine_ill_conditioned
 from .stats import CsrActs, finalize
 
 
@@ -14,7 +15,10 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
     MS[k] = Σ_{n<m} ã[n,k] ã[m,k] cos(emb[n], emb[m]) / Σ_{n<m} ã[n,k] ã[m,k], with
     ã[:,k] the min-max normalisation of acts[:,k] over the N samples and
     cos = 0 for a zero embedding row. Equal to the O(N²) pairwise definition
-    (`monoloss_kernels.reference.pairwise_monoscore`) within float32 rounding.
+    (`monoloss_kernels.reference.pairwise_monoscore`) within float32 rounding: the
+    latents for which one pass in float32 is not enough (one sample carries nearly all
+    of the latent's mass) are recomputed from their nonzero entries in float64
+    (`monoloss_kernels/refine.py`).
 
     Sparse activations cost O(nnz·d) instead of O(N·M·d); entries not stored are
     activations of 0 (also in each latent's min and max), so the result equals
@@ -59,4 +63,4 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
         return torch.full((num_latents,), float("nan"), device=emb.device, dtype=torch.float32)
     stats = stats_function(backend, emb.device, sparse)(acts, emb)
     check_stats_finite(stats, emb)
-    return finalize(stats)
+    return refine_ill_conditioned(finalize(stats), acts, emb, stats)

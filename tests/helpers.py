@@ -55,7 +55,28 @@ def make_acts(case: str, n: int, m: int, gen: torch.Generator) -> torch.Tensor:
             acts[:, 3] = 0.0  # exactly two samples fire: one pair
             acts[1, 3], acts[n - 1, 3] = 0.4, 2.0
         return acts
+    if case == "dominant":  # one sample carries nearly all of a latent's mass
+        return dominant_latents(x, gen)
     raise ValueError(case)
+
+
+def dominant_latents(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """(n, m) activations in which each latent has one top sample and the rest of its
+    mass (after min-max normalisation) is 10^0.5 ... 10^-7 across the latents: the
+    closed form's condition number (Σã)²/((Σã)² - Σã²) runs from ~1.1 to ~10^7, on both
+    sides of the recomputation threshold (refine.py).
+    Three kinds by column: ReLU-sparse rest, a latent at 1000 + its pattern (no zero,
+    min far from 0), and a rest of small negative values beside exact zeros."""
+    n, m = x.shape
+    rest_mass = 10.0 ** -torch.linspace(-0.5, 7, m, dtype=torch.float64)  # (m,)
+    rest = torch.relu(x)
+    rest = rest / rest.sum(0).clamp(min=1e-300) * rest_mass
+    top = torch.randint(0, n, (m,), generator=gen)
+    acts = rest.clone()
+    acts[:, 1::3] += 1000  # min = 1000: no implicit zero, all far from 0
+    acts[:, 2::3] = -rest[:, 2::3] / n  # min < 0, zeros at ã = -min / range
+    acts[top, torch.arange(m)] = acts.max(0).values + 1
+    return acts
 
 
 def make_emb(case: str, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
@@ -69,7 +90,7 @@ def make_emb(case: str, n: int, d: int, gen: torch.Generator) -> torch.Tensor:
     return emb
 
 
-SPARSE_CASES = ["relu", "negative", "always_on_offset", "empty_rows"]
+SPARSE_CASES = ["relu", "negative", "always_on_offset", "empty_rows", "dominant"]
 
 
 def make_topk(case: str, n: int, m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +111,13 @@ def make_topk(case: str, n: int, m: int, k: int, gen: torch.Generator) -> tuple[
         values[:, :2] = 1000 + torch.randn(n, 2, generator=gen, dtype=torch.float64)
     elif case == "empty_rows":
         values[::4] = 0.0
+    elif case == "dominant":
+        latent_scale = 10.0 ** -torch.linspace(-0.5, 7, m, dtype=torch.float64) * m / (n * k)  # (m,)
+        values = values * latent_scale[indices]
+        values = torch.where(indices % 3 == 2, -values / n, values)
+        first = torch.full((m,), n * k).scatter_reduce_(0, indices.flatten(), torch.arange(n * k), "amin")
+        stored = first < n * k
+        values.view(-1)[first[stored]] = 1.0
     elif case != "relu":
         raise ValueError(case)
     return values, indices

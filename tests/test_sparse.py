@@ -176,3 +176,27 @@ def test_malformed_csr_raises():
     bad = torch.sparse_csr_tensor(crow, csr.col_indices(), csr.values(), csr.shape)
     with pytest.raises(ValueError, match=r"acts crow_indices must run from 0 to nnz=60 without decreasing"):
         mk.monoscore(bad, emb)
+
+
+def test_recomputed_latent_whose_max_is_an_implicit_zero(backend_device):
+    """A latent stored in every row but one, all stored values negative and nearly all at
+    the min: its max is the one implicit 0 and its score rests on a few light pairs (κ
+    about 10^4), the case in which monoscore's recomputation (refine.py) keeps every row
+    in its sums instead of taking a stored top entry out. Next to it, a latent carried by
+    one stored entry, and an ordinary one."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(seed_of("implicit_max"))
+    n, d = 53, 9
+    values = torch.full((n, 3), -1.0, dtype=torch.float64)
+    values[:5, 0] = -1.0 + 1e-4 * torch.rand(5, generator=gen, dtype=torch.float64)  # light, above the min
+    values[:, 1] = 1e-5 * torch.rand(n, generator=gen, dtype=torch.float64)
+    values[7, 1] = 1.0  # one entry carries latent 1
+    values[:, 2] = torch.rand(n, generator=gen, dtype=torch.float64)
+    indices = torch.tensor([0, 1, 2]).repeat(n, 1)
+    keep = torch.ones(n, 3, dtype=torch.bool)
+    keep[11, 0] = False  # latent 0's only implicit zero: its max
+    dense = densify(values, indices, 3) * keep
+    csr = dense.float().to_sparse_csr()
+    emb = make_emb("zero_dup", n, d, gen).float()
+    scores = mk.monoscore(csr.to(device), emb.to(device), backend=backend)
+    check_scores(scores, dense.float(), emb, torch.float32)

@@ -1,0 +1,202 @@
+r"""Exact scores for the latents the one-pass closed form cannot resolve in float32.
+
+With ã the min-max normalised activations of a latent, S1 = Σã, S2 = Σã² and U = Σ ã Ê,
+
+    MS = (‖U‖² - Σ ã² ‖ê‖²) / (S1² - S2).
+
+Both differences cancel when one sample carries nearly all of the latent's mass (its ã
+is 1; if every other ã is small, S1² ≈ S2): a latent firing twice, the second time at
+1e-4 of the first, is such a case at any N. The kernels hold `cross` (U up to the shift)
+in float32, so the error of the score is about g·eps32·κ, with the condition number
+
+    κ = S1² / (S1² - S2)  (1 for mass spread over many samples, ≈ 1/(2x) for the pair above)
+
+and g growing with the number of float32 additions that follow the top sample's in one
+accumulation (each rounds at its scale: g ~ sqrt(rows per float32 sum / d), more where
+the embeddings share a direction), while the pairwise definition has no such
+cancellation. `monoscore` therefore recomputes the latents with κ > KAPPA_MAX from the inputs, in float64 and with the top
+sample n* taken out of the sums ("deflated"), V = Σ_{n≠n*} ã_n ê_n:
+
+    numerator   = ê*·V + ½(‖V‖² - Σ_{n≠n*} ã² ‖ê‖²)
+    denominator = S1' + ½(S1'² - Σ_{n≠n*} ã²),   S1' = Σ_{n≠n*} ã,
+
+in which nothing cancels at the scale of the top sample. It works from the latents'
+nonzero entries (a dense input's columns are gathered first): O(d) per entry and per
+latent, in blocks of latents. Latents whose mass is spread (κ near 1, as in most
+batches) cost nothing; in a TopK batch with Zipf-distributed latent frequencies and
+heavy-tailed values (N = M = 16384, k = 32, d = 512), 42% of the latents qualify and
+the recomputation adds ~50-70 ms to a ~60 ms call on the 2-core dev CPU. The streaming
+accumulator has no inputs left to go back to, and MonoLoss differentiates the one-pass
+form: both keep the g·eps32·κ error.
+"""
+
+import torch
+from torch import Tensor
+
+from .stats import DEN_RTOL, CsrActs, MonoScoreStats, _score_terms
+
+# Recompute latents whose κ exceeds this. `benchmarks/measure_accuracy.py --ill-conditioned`
+# measured g up to 40 (dense, 4099-20011 rows, embeddings sharing a direction; 5 at most for
+# sparse inputs), so below the threshold the error stays under 40·eps32·2 = 1e-5, inside
+# the 2e-5 bound.
+KAPPA_MAX = 2.0
+# Entries (values of the refined latents) gathered at once: bounds the (entries, d) float64
+# block of embedding rows to 64 MiB at d = 1024.
+ENTRIES_PER_BLOCK = 8192
+# Latents whose sums are formed together: a (latents, d) float64 block of 1 MiB at d = 512.
+LATENTS_PER_BLOCK = 256
+# Dense columns gathered at once, as (N, columns) elements.
+DENSE_ELEMENTS_PER_BLOCK = 2**24
+
+
+def ill_conditioned_latents(stats: MonoScoreStats) -> Tensor:
+    """Indices (int64) of the latents to recompute: κ = S1²/(S1² - S2) above KAPPA_MAX,
+    or a denominator taken for 0 although the latent is not constant. The latter are
+    mostly latents that fire once (the exact score is NaN too), but where the kernel
+    summed its moments in float32 (Triton's dense kernel) a rest mass below eps32 of the
+    top sample also reads as 0."""
+    act_min, act_max = stats.act_range[0], stats.act_range[1]
+    _, sum_a, _, _, denominator, defined = _score_terms(stats.moments, stats.act_range, stats.shift, stats.counts,
+                                                        DEN_RTOL)
+    kappa = sum_a * sum_a / torch.where(defined, denominator, 1.0)
+    return ((act_max > act_min) & (~defined | (kappa > KAPPA_MAX))).nonzero().squeeze(1)
+
+
+def refine_ill_conditioned(scores: Tensor, acts: Tensor | CsrActs, emb: Tensor, stats: MonoScoreStats) -> Tensor:
+    """`scores` (from `finalize(stats)`) with the ill-conditioned latents replaced by
+    their exact float64 scores, rounded to scores' dtype; a new tensor, inputs unchanged."""
+    latents = ill_conditioned_latents(stats)
+    if latents.numel() == 0:
+        return scores
+    entries = _csr_entries(acts, latents) if isinstance(acts, CsrActs) else _dense_entries(acts, latents)
+    exact = deflated_scores(*entries, stats.act_range[:, latents], emb.detach())
+    return scores.index_copy(0, latents, exact.to(scores.dtype))
+
+
+def _csr_entries(acts: CsrActs, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, index into `latents`, value) of the stored entries of `latents`."""
+    local_of = torch.full((acts.num_latents,), -1, device=latents.device, dtype=torch.int64)
+    local_of[latents] = torch.arange(latents.numel(), device=latents.device)
+    local = local_of[acts.col_indices]
+    keep = (local >= 0).nonzero().squeeze(1)
+    rows = torch.repeat_interleave(
+        torch.arange(acts.num_rows, device=latents.device), acts.crow_indices.diff(), output_size=local.shape[0]
+    )
+    return rows[keep], local[keep], acts.values.detach()[keep]
+
+
+def _dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The nonzero entries of acts[:, latents] as (row, index into `latents`, value): the
+    zeros are left implicit, as in a sparse input, for an ill-conditioned latent is
+    usually one that fires rarely."""
+    step = max(1, DENSE_ELEMENTS_PER_BLOCK // max(1, acts.shape[0]))
+    parts = []
+    for c0 in range(0, latents.numel(), step):
+        columns = acts.detach()[:, latents[c0 : c0 + step]]  # (N, columns)
+        rows, local = columns.nonzero(as_tuple=True)
+        parts.append((rows, local + c0, columns[rows, local]))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _inverse_norms(emb_rows: Tensor) -> Tensor:
+    """float64 1/‖row‖ of float64 rows, 0 for zero rows (so that their unit row is 0)."""
+    norm = torch.linalg.vector_norm(emb_rows, dim=1)
+    return torch.where(norm > 0, 1.0 / norm, 0.0)
+
+
+def deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tensor, emb: Tensor) -> Tensor:
+    """float64 MonoScores of F latents given by their entries: entry e is activation
+    values[e] of latent local[e] in row rows[e]; every other row of a latent holds 0.
+    act_range: (2, F) min and max of each latent over all N rows (the zeros included).
+    Values are taken as float32, as the kernels read them, so the result is the exact
+    score of what the kernels saw; NaN where fewer than two rows sit above the min.
+
+    `block_deflated_scores` over blocks of LATENTS_PER_BLOCK latents, the entries grouped
+    by latent first, so that each block's (latents, d) sums stay in cache. The rows
+    without an entry share one ã = -min/range; where that is not 0 for some latent, they
+    enter through ΣÊ, formed here in float64 (one pass over emb): a float32 ΣÊ, as the
+    statistics hold it, would cost eps32·N where those rows carry the max."""
+    num_rows, dim = emb.shape
+    num_latents = act_range.shape[1]
+    order = torch.argsort(local, stable=True)
+    rows, local, values = rows[order], local[order], values[order]
+    count = torch.bincount(local, minlength=num_latents)
+    unit_emb_sum = torch.zeros(dim, device=emb.device, dtype=torch.float64)
+    num_unit_rows = torch.zeros((), device=emb.device, dtype=torch.float64)
+    if bool(((count < num_rows) & (act_range[0] < 0)).any()):
+        for n0 in range(0, num_rows, ENTRIES_PER_BLOCK):
+            x = emb[n0 : n0 + ENTRIES_PER_BLOCK].double()
+            inv_norm = _inverse_norms(x)
+            unit_emb_sum += inv_norm @ x
+            num_unit_rows += (inv_norm > 0).sum()
+    starts = [0] + count.cumsum(0).tolist()
+    parts = []
+    for f0 in range(0, num_latents, LATENTS_PER_BLOCK):
+        f1 = min(f0 + LATENTS_PER_BLOCK, num_latents)
+        e = slice(starts[f0], starts[f1])
+        parts.append(block_deflated_scores(rows[e], local[e] - f0, values[e], act_range[:, f0:f1], emb,
+                                           unit_emb_sum, num_unit_rows))
+    return torch.cat(parts) if parts else act_range.new_empty(0, dtype=torch.float64)
+
+
+def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tensor, emb: Tensor,
+                          unit_emb_sum: Tensor, num_unit_rows: Tensor) -> Tensor:
+    """`deflated_scores` of a block of latents (see there), with unit_emb_sum (d,) and
+    num_unit_rows () the float64 ΣÊ and number of nonzero-norm rows over all N rows (0
+    where no latent's rows without an entry carry weight). O(d) per entry and latent;
+    the module docstring has the formula."""
+    num_rows, dim = emb.shape
+    num_latents = act_range.shape[1]
+    device = emb.device
+    f64 = dict(device=device, dtype=torch.float64)
+    lo, hi = act_range.double()
+    span = hi - lo
+    weight = (values.float().double() - lo[local]) / span[local]  # (E,) ã of each entry
+    num_entries = local.shape[0]
+    count = torch.bincount(local, minlength=num_latents).double()  # (F,) entries per latent
+    # ã of a row without an entry (an activation of 0). A latent with such rows has
+    # min <= 0 <= max, so |ã - ã_implicit| <= 1 below; one without them gets 0, not
+    # -min/range, which for a latent at 1000 + x would cancel.
+    implicit = torch.where(count < num_rows, -lo / span, 0.0)  # (F,)
+
+    # n*: the first entry at the latent's max (ã = 1 exactly). Where the max is an
+    # implicit 0, no entry is taken out (then several rows have ã = 1, or one row
+    # without an entry and all else near the min: well conditioned in float64).
+    entry_ids = torch.arange(num_entries, device=device)
+    at_max = weight == 1.0
+    top = torch.full((num_latents,), num_entries, device=device, dtype=torch.int64)
+    top.scatter_reduce_(0, local[at_max], entry_ids[at_max], "amin")
+    deflated = top < num_entries  # (F,)
+    kept = torch.ones(num_entries, **f64).index_fill_(0, top[deflated], 0.0)  # 0 for n*
+    is_unit = torch.zeros(num_entries, **f64)  # ‖ê‖² of each entry's row: 1, or 0 for a zero row
+
+    # V = Σ_{n≠n*} ã ê: every row other than n* at ã_implicit, plus the entries' excess
+    # (ã - ã_implicit) ê, summed here with the unit rows formed in float64 on the fly.
+    rest = torch.zeros(num_latents, dim, **f64)
+    for e0 in range(0, num_entries, ENTRIES_PER_BLOCK):
+        e = slice(e0, e0 + ENTRIES_PER_BLOCK)
+        x = emb[rows[e]].double()
+        inv_norm = _inverse_norms(x)
+        is_unit[e] = (inv_norm > 0).double()
+        lat = local[e]
+        rest.index_add_(0, lat, x.mul_(((weight[e] - implicit[lat]) * kept[e] * inv_norm)[:, None]))
+    top_rows = rows[top[deflated]]
+    top_unit = torch.zeros(num_latents, dim, **f64)
+    top_x = emb[top_rows].double()
+    top_unit[deflated] = top_x * _inverse_norms(top_x)[:, None]
+    top_is_unit = (top_unit != 0).any(1).double()
+    rest.addr_(implicit, unit_emb_sum).sub_(top_unit * implicit[:, None])
+
+    # The moments over the rows other than n*: entries, then the rows without an entry.
+    w, k = weight * kept, kept * is_unit
+    sum_w, sum_w2, sum_w2_unit, entry_units = torch.zeros(4, num_latents, **f64).index_add_(
+        1, local, torch.stack([w, w * weight, w * weight * is_unit, k]))
+    num_implicit = num_rows - count
+    implicit_units = num_unit_rows - entry_units - top_is_unit  # nonzero-norm rows without an entry
+    t = deflated.double()  # ã* = 1 where n* was taken out, else 0
+    sum_rest = sum_w + implicit * num_implicit  # S1' = Σ_{n≠n*} ã
+    sumsq_rest = sum_w2 + implicit * implicit * num_implicit
+    sumsq_unit_rest = sum_w2_unit + implicit * implicit * implicit_units
+    numerator = t * torch.linalg.vecdot(top_unit, rest) + 0.5 * (torch.linalg.vecdot(rest, rest) - sumsq_unit_rest)
+    denominator = t * sum_rest + 0.5 * (sum_rest * sum_rest - sumsq_rest)
+    return numerator / denominator
