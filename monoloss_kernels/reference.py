@@ -89,17 +89,17 @@ def closed_form_monoscore(acts: Tensor, emb: Tensor) -> Tensor:
     norm_acts = torch.nan_to_num(min_max_normalize(acts), nan=0.0)  # constant latents -> 0
     latents = torch.arange(num_latents, device=acts.device)
     top = norm_acts.argmax(0)  # (M,) the first row at each latent's max
-    is_top = torch.zeros_like(norm_acts).index_put_((top, latents), torch.ones(num_latents, dtype=torch.float64))
-    top_weight = (norm_acts * is_top).sum(0)  # 1, or 0 for a constant latent
-    rest = norm_acts * (1 - is_top)  # (N, M): ã without n*
+    top_weight = norm_acts[top, latents]  # 1, or 0 for a constant latent
+    rest = norm_acts.index_put_((top, latents), torch.zeros_like(top_weight))  # (N, M): ã without n*
     norm = torch.linalg.vector_norm(emb, dim=1, keepdim=True)
     unit = torch.where(norm > 0, emb / torch.where(norm > 0, norm, 1), 0)
     unit_weight = (norm[:, 0] > 0).double()  # ‖ê_n‖²
     rest_cross = unit.T @ rest  # (d, M): V
     sum_rest = rest.sum(0)
+    rest_sq = rest * rest
     numerator = (top_weight * (unit[top].T * rest_cross).sum(0)
-                 + 0.5 * ((rest_cross * rest_cross).sum(0) - unit_weight @ (rest * rest)))
-    denominator = top_weight * sum_rest + 0.5 * (sum_rest * sum_rest - (rest * rest).sum(0))
+                 + 0.5 * ((rest_cross * rest_cross).sum(0) - unit_weight @ rest_sq))
+    denominator = top_weight * sum_rest + 0.5 * (sum_rest * sum_rest - rest_sq.sum(0))
     # Fewer than two rows above the min: every other ã is 0, and so is the denominator.
     defined = denominator > 0
     return torch.where(defined, numerator / torch.where(defined, denominator, 1.0), float("nan"))
