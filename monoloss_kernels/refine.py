@@ -134,14 +134,15 @@ def deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tens
     for f0 in range(0, num_latents, LATENTS_PER_BLOCK):
         f1 = min(f0 + LATENTS_PER_BLOCK, num_latents)
         e = slice(starts[f0], starts[f1])
-        parts.append(block_deflated_scores(rows[e], local[e] - f0, values[e], act_range[:, f0:f1], emb,
-                                           unit_emb_sum, num_unit_rows))
+        parts.append(block_deflated_scores(rows[e], local[e] - f0, values[e], count[f0:f1], act_range[:, f0:f1],
+                                           emb, unit_emb_sum, num_unit_rows))
     return torch.cat(parts) if parts else act_range.new_empty(0, dtype=torch.float64)
 
 
-def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tensor, emb: Tensor,
-                          unit_emb_sum: Tensor, num_unit_rows: Tensor) -> Tensor:
-    """`deflated_scores` of a block of latents (see there), with unit_emb_sum (d,) and
+def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Tensor, act_range: Tensor,
+                          emb: Tensor, unit_emb_sum: Tensor, num_unit_rows: Tensor) -> Tensor:
+    """`deflated_scores` of a block of latents (see there), count (F,) their numbers of
+    entries, unit_emb_sum (d,) and
     num_unit_rows () the float64 ΣÊ and number of nonzero-norm rows over all N rows (0
     where no latent's rows without an entry carry weight). O(d) per entry and latent;
     the module docstring has the formula."""
@@ -153,7 +154,7 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range
     span = hi - lo
     weight = (values.float().double() - lo[local]) / span[local]  # (E,) ã of each entry
     num_entries = local.shape[0]
-    count = torch.bincount(local, minlength=num_latents).double()  # (F,) entries per latent
+    count = count.double()
     # ã of a row without an entry (an activation of 0). A latent with such rows has
     # min <= 0 <= max, so |ã - ã_implicit| <= 1 below; one without them gets 0, not
     # -min/range, which for a latent at 1000 + x would cancel.
