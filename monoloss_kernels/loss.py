@@ -25,7 +25,9 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         acts, emb, num_latents, backend: as for `monoscore` (dense, a TopK pair, COO, CSR, or an SAE
             library's output as it comes).
         reduction: "mean" (the loss, a scalar float32) or "none" (the (M,) MonoScores
-            themselves, NaN where undefined, with gradient where defined).
+            themselves, NaN where undefined, with gradient where defined). Both come from
+            the one-pass form, which `monoscore` refines for latents that one sample
+            carries (monoloss_kernels/refine.py): there they can differ by g·eps32·κ.
         differentiable_emb: also differentiate with respect to emb.
         distributed: each rank of torch.distributed `group` (None: the default group)
             passes its own part of the global batch; the statistics are all-reduced, so
