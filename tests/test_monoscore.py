@@ -193,7 +193,7 @@ def test_invariances(seed, n, m, scale_exp, offset, latent):
 
 def test_three_rows_one_light_pair(backend_device):
     """A batch of 3 rows (found by test_invariances) where latent 7's score rests on
-    one pair of weight 0.006 (κ ≈ 80): the one-pass form alone missed the float64
+    one pair of weight 0.006 (κ ≈ 87): the one-pass form alone missed the float64
     pairwise score by 3.0e-5 on the cpu backend; monoscore recomputes such latents."""
     backend, device = backend_device
     gen = torch.Generator().manual_seed(36496487)
