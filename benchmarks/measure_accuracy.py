@@ -68,7 +68,8 @@ def ill_conditioned_report(devices):
                 refined = (mk.monoscore(on_device, emb_d, num_latents=m, backend=backend).double().cpu() - exact).abs()
                 both = exact.isfinite() & one_pass.isfinite()
                 ratio = (one_pass[both] / (eps32 * kappa[both])).max().item()
-                within = one_pass[both & (kappa <= KAPPA_MAX)].max().item() if (kappa <= KAPPA_MAX).any() else 0.0
+                left_alone = both & (kappa <= KAPPA_MAX)
+                within = one_pass[left_alone].max().item() if left_alone.any() else 0.0
                 print(f"{backend:8} {device:6} {form:6} {f'{n}x{m}x{d}':13} {ratio:18.2f} {within:15.1e} "
                       f"{refined.nan_to_num(0).max().item():18.1e}")
 

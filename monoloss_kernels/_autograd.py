@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import _extension
 from ._dispatch import available_backends, triton_runs_on
-from .stats import ieee_matmul, row_inv_norm
+from .stats import entry_rows, ieee_matmul, row_inv_norm
 
 try:  # registers the Triton backward ops; triton is optional
     from .ops import triton_monoscore_stats_backward  # noqa: F401
@@ -156,9 +156,7 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
     num_rows, dim = crow_indices.shape[0] - 1, emb.shape[1]
     kernel = _acts_grad_op(acts_grad_kernel, values.device, sparse=True) if values_grad else None
     if (values_grad and kernel is None) or emb_grad:  # what the torch formulas read
-        rows = torch.repeat_interleave(
-            torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=cols.shape[0]
-        )
+        rows = entry_rows(crow_indices, cols.shape[0])
         inv_norm = row_inv_norm(emb)
         unit = emb.float() * inv_norm[:, None]
         b = values.float() - shift[cols]  # (nnz,)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._validate import _check_num_latents, _check_tensor, canonical_acts
-from .stats import CsrActs
+from .stats import CsrActs, entry_rows
 
 STATE_VERSION = 1
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -197,8 +197,7 @@ class ClassPurityAccumulator:
         values = acts.values
         if not bool(torch.isfinite(values).all()):
             raise ValueError("acts contains NaN or Inf values")
-        row_lengths = acts.crow_indices.diff()
-        rows = torch.repeat_interleave(torch.arange(acts.num_rows, device=self.device), row_lengths)
+        rows = entry_rows(acts.crow_indices, acts.col_indices.shape[0])
         # A latent stored twice in one row would count that sample twice; monoscore refuses it too.
         entry_keys = rows * self.num_latents + acts.col_indices
         if entry_keys.numel() and torch.unique(entry_keys).numel() != entry_keys.numel():

@@ -14,8 +14,9 @@ in float32, so the error of the score is about g·eps32·κ, with the condition 
 and g growing with the number of float32 additions that follow the top sample's in one
 accumulation (each rounds at its scale: g ~ sqrt(rows per float32 sum / d), more where
 the embeddings share a direction), while the pairwise definition has no such
-cancellation. `monoscore` therefore recomputes the latents with κ > KAPPA_MAX from the inputs, in float64 and with the top
-sample n* taken out of the sums ("deflated"), V = Σ_{n≠n*} ã_n ê_n:
+cancellation. `monoscore` therefore recomputes the latents with κ > KAPPA_MAX from the
+inputs, in float64 and with the top sample n* taken out of the sums ("deflated"),
+V = Σ_{n≠n*} ã_n ê_n:
 
     numerator   = ê*·V + ½(‖V‖² - Σ_{n≠n*} ã² ‖ê‖²)
     denominator = S1' + ½(S1'² - Σ_{n≠n*} ã²),   S1' = Σ_{n≠n*} ã,
@@ -25,7 +26,7 @@ nonzero entries (a dense input's columns are gathered first): O(d) per entry and
 latent, in blocks of latents. Latents whose mass is spread (κ near 1, as in most
 batches) cost nothing; in a TopK batch with Zipf-distributed latent frequencies and
 heavy-tailed values (N = M = 16384, k = 32, d = 512), 42% of the latents qualify and
-the recomputation adds ~50-70 ms to a ~60 ms call on the 2-core dev CPU. The streaming
+the call takes ~115 ms instead of ~38 ms (2-core AMD EPYC; README, Accuracy). The streaming
 accumulator has no inputs left to go back to, and MonoLoss differentiates the one-pass
 form: both keep the g·eps32·κ error.
 """
@@ -33,12 +34,13 @@ form: both keep the g·eps32·κ error.
 import torch
 from torch import Tensor
 
-from .stats import DEN_RTOL, CsrActs, MonoScoreStats, _score_terms
+from .stats import DEN_RTOL, CsrActs, MonoScoreStats, _score_terms, entry_rows
 
-# Recompute latents whose κ exceeds this. `benchmarks/measure_accuracy.py --ill-conditioned`
-# measured g up to 40 (dense, 4099-20011 rows, embeddings sharing a direction; 5 at most for
-# sparse inputs), so below the threshold the error stays under 40·eps32·2 = 1e-5, inside
-# the 2e-5 bound.
+# Recompute latents whose κ exceeds this. g measured on the CPU paths: at most 24 dense and
+# 5.5 sparse in `benchmarks/measure_accuracy.py --ill-conditioned` (results/cpu-AMD-EPYC/
+# ill_conditioned.txt), and 40 in an earlier draw of the same dense cases (4099 rows, d = 5,
+# embeddings sharing a direction). With g <= 40 the error below the threshold stays under
+# 40·eps32·2 = 1e-5, inside the 2e-5 bound.
 KAPPA_MAX = 2.0
 # Entries (values of the refined latents) gathered at once: bounds the (entries, d) float64
 # block of embedding rows to 64 MiB at d = 1024.
@@ -79,10 +81,7 @@ def _csr_entries(acts: CsrActs, latents: Tensor) -> tuple[Tensor, Tensor, Tensor
     local_of[latents] = torch.arange(latents.numel(), device=latents.device)
     local = local_of[acts.col_indices]
     keep = (local >= 0).nonzero().squeeze(1)
-    rows = torch.repeat_interleave(
-        torch.arange(acts.num_rows, device=latents.device), acts.crow_indices.diff(), output_size=local.shape[0]
-    )
-    return rows[keep], local[keep], acts.values.detach()[keep]
+    return entry_rows(acts.crow_indices, local.shape[0])[keep], local[keep], acts.values.detach()[keep]
 
 
 def _dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -141,11 +140,10 @@ def deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tens
 
 def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Tensor, act_range: Tensor,
                           emb: Tensor, unit_emb_sum: Tensor, num_unit_rows: Tensor) -> Tensor:
-    """`deflated_scores` of a block of latents (see there), count (F,) their numbers of
-    entries, unit_emb_sum (d,) and
-    num_unit_rows () the float64 ΣÊ and number of nonzero-norm rows over all N rows (0
-    where no latent's rows without an entry carry weight). O(d) per entry and latent;
-    the module docstring has the formula."""
+    """`deflated_scores` of a block of latents (see there): count (F,) their numbers of
+    entries; unit_emb_sum (d,) and num_unit_rows () the float64 ΣÊ and number of
+    nonzero-norm rows over all N rows (0 where no latent's rows without an entry carry
+    weight). O(d) per entry and latent; the module docstring has the formula."""
     num_rows, dim = emb.shape
     num_latents = act_range.shape[1]
     device = emb.device

@@ -66,6 +66,15 @@ class CsrActs(NamedTuple):
         return self.crow_indices.shape[0] - 1
 
 
+def entry_rows(crow_indices: Tensor, num_entries: int) -> Tensor:
+    """(nnz,) int64: the row of each stored entry of a compressed-row matrix (a static
+    output size, so no host sync and no data-dependent shape)."""
+    num_rows = crow_indices.shape[0] - 1
+    return torch.repeat_interleave(
+        torch.arange(num_rows, device=crow_indices.device), crow_indices.diff(), output_size=num_entries
+    )
+
+
 class MonoScoreStats(NamedTuple):
     """Additive statistics of a batch; b = acts - shift, Ê = unit rows of emb."""
 
@@ -479,9 +488,7 @@ def csr_latent_stats(acts: CsrActs, emb: Tensor) -> tuple[MonoScoreStats, Tensor
     num_rows, num_latents = acts.num_rows, acts.num_latents
     device = emb.device
     cols, values = acts.col_indices, acts.values
-    rows = torch.repeat_interleave(
-        torch.arange(num_rows, device=device), acts.crow_indices.diff(), output_size=cols.shape[0]
-    )
+    rows = entry_rows(acts.crow_indices, cols.shape[0])
     stored = torch.zeros(num_latents, device=device, dtype=torch.int64).index_add_(
         0, cols, torch.ones_like(cols)
     )

@@ -19,7 +19,7 @@ dense: one kernel computes a (BLOCK_N x BLOCK_M) tile of Ê·G with tl.dot over 
 CSR:   one kernel over blocks of stored entries: ê[row_e] · G[:, col_e] over d-steps,
        read from the (M, d) transpose of G so that each entry's read is contiguous,
        plus the same per-entry terms. The row of each entry comes from
-       torch.repeat_interleave with a static output size (as in stats.csr_latent_stats):
+       `stats.entry_rows` (torch.repeat_interleave with a static output size):
        O(nnz), no host sync, and 8 bytes per entry next to the d floats each entry
        reads. The tie counts are O(nnz) scatters in torch (stored values equal to the
        extreme, plus the implicit zeros where the extreme is 0).
@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..stats import row_inv_norm
+from ..stats import entry_rows, row_inv_norm
 from .triton_monoscore_stats import INTERPRET
 
 
@@ -284,9 +284,7 @@ def csr_backward_with_config(crow_indices, col_indices, values, emb, num_latents
         return out
     cols = col_indices.contiguous()
     values = values.contiguous()
-    rows = torch.repeat_interleave(
-        torch.arange(num_rows, device=emb.device), crow_indices.diff(), output_size=num_entries
-    )
+    rows = entry_rows(crow_indices, num_entries)
     # Ties: stored values equal to the extreme (compared in float32, as the kernel does),
     # plus the implicit zeros of a latent whose extreme is 0.
     act_range32 = act_range.float()
