@@ -71,7 +71,7 @@ def refine_ill_conditioned(scores: Tensor, acts: Tensor | CsrActs, emb: Tensor, 
     if latents.numel() == 0:
         return scores
     entries = _csr_entries(acts, latents) if isinstance(acts, CsrActs) else _dense_entries(acts, latents)
-    exact = deflated_scores(*entries, stats.act_range[:, latents], emb.detach())
+    exact = torch.ops.monoloss_kernels.deflated_scores(*entries, stats.act_range[:, latents], emb.detach())
     return scores.index_copy(0, latents, exact.to(scores.dtype))
 
 
@@ -103,13 +103,30 @@ def _inverse_norms(emb_rows: Tensor) -> Tensor:
     return torch.where(norm > 0, 1.0 / norm, 0.0)
 
 
+@torch.library.custom_op("monoloss_kernels::deflated_scores", mutates_args=())
 def deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tensor, emb: Tensor) -> Tensor:
-    """float64 MonoScores of F latents given by their entries: entry e is activation
-    values[e] of latent local[e] in row rows[e]; every other row of a latent holds 0.
-    act_range: (2, F) min and max of each latent over all N rows (the zeros included).
-    Values are taken as float32, as the kernels read them, so the result is the exact
-    score of what the kernels saw; NaN where fewer than two rows sit above the min.
+    """(F,) float64 MonoScores of F latents given by their entries: entry e is activation
+    values[e] of latent local[e] (int64, in [0, F)) in row rows[e] (int64, in [0, N));
+    every other row of a latent holds 0, and a latent has at most one entry per row.
+    act_range: (2, F) min and max of each latent over all N rows (the zeros included),
+    max > min. emb: (N, d). Values are taken as float32, as the kernels read them, so
+    the result is the exact score of what the kernels saw; NaN where fewer than two
+    rows sit above the min.
 
+    `torch_deflated_scores` serves every device; the extension registers a CPU kernel
+    (csrc/cpu/deflated_scores_cpu.cpp) that replaces it: one pass per latent over its
+    entries instead of ~30 torch ops per block of latents.
+    """
+    return torch_deflated_scores(rows, local, values, act_range, emb)
+
+
+@deflated_scores.register_fake
+def _(rows, local, values, act_range, emb):
+    return emb.new_empty((act_range.shape[1],), dtype=torch.float64)
+
+
+def torch_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range: Tensor, emb: Tensor) -> Tensor:
+    """`deflated_scores` in plain torch, for every device (see there for the arguments):
     `block_deflated_scores` over blocks of LATENTS_PER_BLOCK latents, the entries grouped
     by latent first, so that each block's (latents, d) sums stay in cache. The rows
     without an entry share one ã = -min/range; where that is not 0 for some latent, they
