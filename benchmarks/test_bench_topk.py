@@ -1,8 +1,10 @@
 """TopK-sparse MonoScore at the issue's target shape: our kernels on the (values,
 indices) pair an SAE hands over, against the published algorithm (the peer) on the
 densified matrix, its compiled version, the bare dense GEMM, and (on the GPU) the O(N²)
-pairwise definition; plus a streaming run over N = 2^22 rows that never holds more than
-one batch. (TopK against N is in test_bench_scaling.py.)
+pairwise definition; a batch with heavy-tailed latent frequencies and values, where
+many latents need monoscore's float64 recomputation (refine.py), against the one-pass
+scores alone; plus a streaming run over N = 2^22 rows that never holds more than one
+batch. (TopK against N is in test_bench_scaling.py.)
 
     pytest benchmarks/test_bench_topk.py --benchmark-only [--profile quick|full]
 
@@ -21,9 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import monoloss_kernels
+from monoloss_kernels._dispatch import stats_function
+from monoloss_kernels._validate import validate_acts
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore, published_monoscore
+from monoloss_kernels.refine import ill_conditioned_latents
+from monoloss_kernels.stats import finalize
 
-from .common import DEVICE, OURS_PREFIX, PAIRWISE, SEED, check_scores, make_topk_batch, our_backends
+from .common import (DEVICE, OURS_PREFIX, PAIRWISE, SEED, check_scores, make_embeddings, make_topk_batch,
+                     our_backends)
 from .conftest import COMPILED_PEER, GEMM, PEER, bench_profile, device_name, results_dir
 from .test_bench_monoscore import compiled_peer
 
@@ -151,6 +158,55 @@ def test_topk_speed(topk_inputs, topk_method, measure):
     measure(run, device=DEVICE, group=case.group, method=method, rounds=rounds,
             warmup_rounds=1 if method == COMPILED_PEER else 0, gemm_flops=case.gemm_flops, extra_info=extra_info,
             check_after=check if single_shot else None)
+
+
+# Heavy-tailed TopK: latent frequencies ∝ 1/rank (Zipf, as SAE latent frequencies
+# are) and values Exp(1)³, so that many rare latents have one sample that carries nearly
+# all of their mass: κ > KAPPA_MAX for ~45% of them, each recomputed in float64.
+HEAVY_TAILED = TopKCase(16384, 16384, 32, 512, rounds=10, gemm_rounds=0, peer_rounds=0, pairwise=False)
+ONE_PASS = "one-pass"  # statistics and finalize without the recomputation: what it costs on top
+ROWS_PER_DRAW = 1024  # rows of latent indices drawn at once: a (rows, M) float32 block of probabilities
+
+
+def heavy_tailed_topk(case: TopKCase, gen: torch.Generator):
+    frequency = 1.0 / torch.arange(1, case.num_latents + 1, device=DEVICE, dtype=torch.float32)
+    indices = torch.cat([torch.multinomial(frequency.expand(min(ROWS_PER_DRAW, case.num_rows - r0), -1), case.k,
+                                           generator=gen)
+                         for r0 in range(0, case.num_rows, ROWS_PER_DRAW)])
+    values = torch.empty(case.num_rows, case.k, device=DEVICE).exponential_(generator=gen) ** 3
+    return values, indices, make_embeddings(case.num_rows, case.dim, gen, DEVICE)
+
+
+@pytest.mark.parametrize("method", [OURS_PREFIX + b for b in our_backends(DEVICE)
+                                    if not (DEVICE.type == "cpu" and b == "torch")] + [ONE_PASS])
+def test_topk_heavy_tailed(method, measure):
+    case = HEAVY_TAILED
+    gen = torch.Generator(device=DEVICE).manual_seed(SEED)
+    values, indices, emb = heavy_tailed_topk(case, gen)
+    backend = method.removeprefix(OURS_PREFIX) if method.startswith(OURS_PREFIX) else "auto"
+    pair = (values, indices)
+    if method == ONE_PASS:
+        def fn():
+            acts, e = validate_acts(pair, emb, case.num_latents)
+            return finalize(stats_function(backend, DEVICE, True)(acts, e))
+    else:
+        def fn():
+            return monoloss_kernels.monoscore(pair, emb, num_latents=case.num_latents, backend=backend)
+    acts, e = validate_acts(pair, emb, case.num_latents)
+    refined = ill_conditioned_latents(stats_function(backend, DEVICE, True)(acts, e))
+    checked = refined[torch.randperm(refined.numel(), generator=torch.Generator().manual_seed(SEED))[:CHECKED_LATENTS]]
+    dense = torch.zeros(case.num_rows, case.num_latents, device=DEVICE).scatter_(1, indices, values)
+    reference = closed_form_monoscore(dense[:, checked], emb)
+    del dense
+    label = f"topk-heavy-tailed-N{case.num_rows}-M{case.num_latents}-k{case.k}-d{case.dim}-float32"
+    error = check_scores(method, fn()[checked], reference, torch.float32, label=label,
+                         reference_method=f"closed_form on {checked.numel()} recomputed latents",
+                         hold_baselines=False)
+    measure(fn, device=DEVICE, group=label, method=method, rounds=case.rounds,
+            gemm_flops=case.gemm_flops, extra_info={
+                "shape": {"N": case.num_rows, "M": case.num_latents, "k": case.k, "d": case.dim},
+                "dtype": "float32", "device": device_name(DEVICE), "max_abs_error": error,
+                "recomputed_latents": refined.numel(), "reference": "closed_form on recomputed latents"})
 
 
 STREAM_SCRIPT = Path(__file__).with_name("stream_topk.py")
