@@ -176,7 +176,7 @@ at::Tensor deflated_scores_cpu(const at::Tensor& rows, const at::Tensor& local, 
   for (int64_t e = 0; e < E; ++e) order[next[latent_of[e]]++] = e;
 
   bool needs_unit_emb_sum = false;  // some latent's rows without an entry carry weight -min/range != 0
-  for (int64_t f = 0; f < F && !needs_unit_emb_sum; ++f) needs_unit_emb_sum = start[f + 1] - start[f] < N && lo[f] < 0;
+  for (int64_t f = 0; f < F && !needs_unit_emb_sum; ++f) needs_unit_emb_sum = start[f + 1] - start[f] < N && lo[f] != 0;
 
   // Task boundaries over the latents, with about equal cost each.
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(F, at::get_num_threads() * kTasksPerThread));
