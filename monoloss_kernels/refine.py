@@ -80,7 +80,7 @@ def _csr_entries(acts: CsrActs, latents: Tensor) -> tuple[Tensor, Tensor, Tensor
     """(row, index into `latents`, value) of the stored entries of `latents`."""
     local_of = torch.full((acts.num_latents,), -1, device=latents.device, dtype=torch.int64)
     local_of[latents] = torch.arange(latents.numel(), device=latents.device)
-    local = local_of[acts.col_indices]
+    local = local_of.index_select(0, acts.col_indices)  # a third of the time of advanced indexing on the CPU
     keep = (local >= 0).nonzero().squeeze(1)
     return entry_rows(acts.crow_indices, local.shape[0])[keep], local[keep], acts.values.detach()[keep]
 
@@ -140,7 +140,7 @@ def torch_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range
     count = torch.bincount(local, minlength=num_latents)
     unit_emb_sum = torch.zeros(dim, device=emb.device, dtype=torch.float64)
     num_unit_rows = torch.zeros((), device=emb.device, dtype=torch.float64)
-    if bool(((count < num_rows) & (act_range[0] < 0)).any()):
+    if bool(((count < num_rows) & (act_range[0] != 0)).any()):
         for n0 in range(0, num_rows, ENTRIES_PER_BLOCK):
             x = emb[n0 : n0 + ENTRIES_PER_BLOCK].double()
             inv_norm = _inverse_norms(x)

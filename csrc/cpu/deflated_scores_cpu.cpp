@@ -12,7 +12,8 @@
 // L1 (its norm, then V += (ã - ã_0)/‖e‖ · e), everything in float64. The torch
 // implementation runs ~30 ops per block of 256 latents: ~140 ms for the 7.5k
 // latents (47k entries, d = 512) of a Zipf-distributed TopK batch that this
-// kernel takes in a few ms.
+// kernel takes in 12-20 ms on 2 cores, bound by reading the entries' scattered
+// embedding rows (96 MB) from memory.
 #include "vectorize.h"
 
 #include <ATen/ATen.h>
