@@ -58,7 +58,8 @@ def triton_runs_on(device: torch.device) -> bool:
 
 def available_backends(device: torch.device | str) -> list[str]:
     """The backends that can run on tensors on `device` (a torch.device or a name such
-    as "cuda"), fastest first."""
+    as "cuda"), in order of preference: "auto" takes the first (README, Use, says why
+    Triton comes before CUDA on GPUs)."""
     device = torch.device(device)
     names = []
     if device.type == "cuda":

@@ -140,7 +140,7 @@ def build_info() -> dict:
         load_error: the import error of _C ("ImportError: ... undefined symbol ..."), or None;
         kernels: {"cpu": bool, "cuda": bool}, the C++ kernels registered;
         backends: {"cpu": [...], "cuda": [...]}, what `available_backends` gives per device,
-            fastest first ("cuda": [] without a visible GPU);
+            in order of preference ("cuda": [] without a visible GPU);
         triton_error: why the Triton backend is unavailable, or None;
         reinstall_command: the command that rebuilds _C against the running torch.
     """

@@ -343,6 +343,16 @@ def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
     return acts, emb
 
 
+def check_finite(acts: Tensor | CsrActs, emb: Tensor) -> None:
+    """Refuses NaN/Inf inputs by reading them: for batches of N < 2 rows, which get no
+    statistics to check (`check_stats_finite`)."""
+    values = acts.values if isinstance(acts, CsrActs) else acts
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("acts contains NaN or Inf values")
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError("emb contains NaN or Inf values")
+
+
 def check_stats_finite(stats, emb: Tensor) -> None:
     """Refuses NaN/Inf inputs after the kernels, from the small statistics, so that
     acts is read once: its float64 moments are finite iff acts is (|b|² < 1e77 for

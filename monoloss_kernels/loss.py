@@ -4,7 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dispatch import loss_stats_function, stats_function
-from ._validate import check_stats_finite, validate_acts
+from ._validate import check_finite, check_stats_finite, validate_acts
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
@@ -57,6 +57,7 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         check_stats_finite(stats, emb)
         scores = finalize(stats, cross_sq_at_min)
     else:
+        check_finite(acts, emb)
         scores = None
     if scores is None:  # N < 2: no pair, every score undefined
         # Keep the graph connected, so backward() runs and gives zero gradients.

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import stats_function
-from ._validate import check_stats_finite, validate_acts
+from ._validate import check_finite, check_stats_finite, validate_acts
 from .refine import refine_ill_conditioned
 from .stats import CsrActs, finalize
 
@@ -41,7 +41,7 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
             same device; need not be normalised.
         num_latents: M. Required with a (values, indices) pair; otherwise
             optional and checked against the number of columns.
-        backend: "auto" (fastest available for the device), "cuda" (C++/CUDA),
+        backend: "auto" (the first of `available_backends(device)`), "cuda" (C++/CUDA),
             "triton", "cpu" (C++), or "torch" (plain-torch reference of the
             same statistics).
 
@@ -60,6 +60,7 @@ def monoscore(acts, emb: Tensor, *, num_latents: int | None = None, backend: str
     sparse = isinstance(acts, CsrActs)
     num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
     if num_rows < 2:
+        check_finite(acts, emb)
         return torch.full((num_latents,), float("nan"), device=emb.device, dtype=torch.float32)
     stats = stats_function(backend, emb.device, sparse)(acts, emb)
     check_stats_finite(stats, emb)

@@ -57,6 +57,22 @@ def test_non_finite_values_raise(backend_device, bad, where):
     torch.testing.assert_close(emb, emb0, equal_nan=True)
 
 
+@pytest.mark.parametrize("form", ["dense", "topk"])
+@pytest.mark.parametrize("where", ["acts", "emb"])
+def test_non_finite_single_row_raises(backend_device, form, where):
+    """N = 1 has no pair and no statistics to check; its values are still refused."""
+    backend, device = backend_device
+    acts, emb = (t[:1].clone() for t in good_inputs(device))
+    (emb if where == "emb" else acts)[0, 2] = float("nan")
+    inputs = torch.topk(acts, 3, dim=1) if form == "topk" else acts
+    if form == "topk" and where == "acts":
+        inputs.values[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        mk.monoscore(inputs, emb, num_latents=acts.shape[1], backend=backend)
+    with pytest.raises(ValueError, match=f"{where} contains NaN or Inf"):
+        mk.monoloss(inputs, emb, num_latents=acts.shape[1], backend=backend)
+
+
 def test_unknown_backend():
     with pytest.raises(ValueError, match=r"backend must be one of .*got 'fast'"):
         mk.monoscore(*good_inputs(), backend="fast")
