@@ -126,13 +126,14 @@ def _check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None
     return num_latents
 
 
-def _check_latent_range(name: str, cols: Tensor, num_latents: int) -> None:
+def _check_latent_range(name: str, cols: Tensor, num_latents: int, bound_name: str = "num_latents") -> None:
+    """Refuses indices outside [0, num_latents); bound_name names the bound in the message."""
     if cols.numel() == 0:
         return
     lo, hi = torch.stack(cols.aminmax()).tolist()  # one read from the device, not two
     if lo < 0 or hi >= num_latents:
         raise ValueError(
-            f"{name} must lie in [0, num_latents={num_latents}), got values from {lo} to {hi}"
+            f"{name} must lie in [0, {bound_name}={num_latents}), got values from {lo} to {hi}"
         )
 
 
@@ -251,6 +252,11 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
     num_rows, num_columns = acts.shape
     num_latents = _check_num_latents(num_latents, num_columns, emb_dim)
     if acts.layout == torch.sparse_coo:
+        # torch does not check COO invariants by default, and coalesce() writes out of
+        # bounds on an index outside the shape (a crash, not an error).
+        rows, cols = acts._indices()
+        _check_latent_range("acts row indices", rows, num_rows, bound_name="N")
+        _check_latent_range("acts column indices", cols, num_latents)
         acts = acts.coalesce()  # repeated coordinates add up, as in acts.to_dense()
         rows, cols = acts.indices()
         bounds = torch.arange(num_rows + 1, device=acts.device, dtype=rows.dtype)
@@ -258,6 +264,9 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
         return CsrActs(crow, cols, acts.values(), num_latents)
     crow, cols = acts.crow_indices().long(), acts.col_indices()
     # torch does not check CSR invariants by default, and the kernels index by them.
+    if crow.shape[0] != num_rows + 1:
+        raise ValueError(f"acts crow_indices must have N + 1 = {num_rows + 1} entries for shape "
+                         f"{tuple(acts.shape)}, got {crow.shape[0]}")
     if int(crow[0]) != 0 or int(crow[-1]) != cols.shape[0] or bool((crow.diff() < 0).any()):
         raise ValueError(f"acts crow_indices must run from 0 to nnz={cols.shape[0]} without decreasing")
     _check_latent_range("acts col_indices", cols, num_latents)

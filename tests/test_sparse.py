@@ -178,6 +178,30 @@ def test_malformed_csr_raises():
         mk.monoscore(bad, emb)
 
 
+@pytest.mark.parametrize("coords, match", [
+    ([[0, 1, 2], [-1, 1, 2]], r"acts column indices must lie in \[0, num_latents=4\), got values from -1 to 2"),
+    ([[0, 1, 2], [1, 4, 2]], r"acts column indices must lie in \[0, num_latents=4\), got values from 1 to 4"),
+    ([[0, 7, 2], [1, 1, 2]], r"acts row indices must lie in \[0, N=3\), got values from 0 to 7"),
+], ids=["negative_column", "column_past_m", "row_past_n"])
+def test_malformed_coo_raises(coords, match):
+    """torch builds COO tensors without checking their indices, and coalescing one with an
+    index outside its shape writes out of bounds: every consumer of sparse acts refuses it
+    first, before it is coalesced."""
+    bad = torch.sparse_coo_tensor(coords, [1.0, 2.0, 3.0], (3, 4))
+    emb = torch.randn(3, 5)
+    for consume in (lambda: mk.monoscore(bad, emb), lambda: mk.monoloss(bad, emb),
+                    lambda: mk.class_purity(bad, torch.tensor([0, 1, 1])),
+                    lambda: mk.MonoScoreAccumulator(4, 5).update(bad, emb)):
+        with pytest.raises(ValueError, match=match):
+            consume()
+
+
+def test_csr_with_too_few_row_offsets_raises():
+    short = torch.sparse_csr_tensor(torch.tensor([0, 1, 2]), torch.tensor([0, 1]), torch.tensor([1.0, 2.0]), (5, 3))
+    with pytest.raises(ValueError, match=r"acts crow_indices must have N \+ 1 = 6 entries for shape \(5, 3\), got 3"):
+        mk.monoscore(short, torch.randn(5, 2))
+
+
 def test_recomputed_latent_whose_max_is_an_implicit_zero(backend_device):
     """A latent stored in every row but one, all stored values negative and nearly all at
     the min: its max is the one implicit 0 and its score rests on a few light pairs (κ
