@@ -60,18 +60,24 @@ class MonoScoreAccumulator:
         the accumulator's for a (values, indices) pair), emb (B, d)."""
         acts, emb = validate_acts(acts, emb, self.num_latents if num_latents is None else num_latents)
         sparse = isinstance(acts, CsrActs)
-        num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
+        num_rows = acts.num_rows if sparse else acts.shape[0]
+        self._check_batch(acts, emb)
+        if num_rows == 0:
+            return
+        stats = stats_function(self.backend, self.device, sparse)(acts, emb)
+        check_stats_finite(stats, emb)
+        self._add(stats, num_rows)
+
+    def _check_batch(self, acts, emb: Tensor) -> None:
+        """Refuses a validated batch (acts canonical, see `validate_acts`) whose number of
+        latents, embedding width or device is not the accumulator's."""
+        num_latents = acts.num_latents if isinstance(acts, CsrActs) else acts.shape[1]
         if num_latents != self.num_latents:
             raise ValueError(f"acts has {num_latents} latents but the accumulator was built for {self.num_latents}")
         if emb.shape[1] != self.dim:
             raise ValueError(f"emb has dimension {emb.shape[1]} but the accumulator was built for dim={self.dim}")
         if emb.device != self.device:
             raise ValueError(f"the batch is on {emb.device} but the accumulator lives on {self.device}")
-        if num_rows == 0:
-            return
-        stats = stats_function(self.backend, self.device, sparse)(acts, emb)
-        check_stats_finite(stats, emb)
-        self._add(stats, num_rows)
 
     def merge(self, other: "MonoScoreAccumulator") -> "MonoScoreAccumulator":
         """Adds everything `other` has seen (other is unchanged); returns self."""

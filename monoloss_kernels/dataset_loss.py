@@ -71,9 +71,11 @@ def _count_equal(acts, value: Tensor, num_rows: int) -> Tensor:
     if isinstance(acts, CsrActs):
         return _ties(acts, value, num_rows).double()
     # Compared straight into float32 and summed as floats: about 3x faster on the CPU than
-    # summing a bool mask down its columns; exact up to 2^24 rows per batch.
+    # summing a bool mask down its columns; exact up to 2^24 rows per batch. acts as
+    # float32, as the kernels read it and as `value` (act_range) holds it: a float64
+    # minimum differs from its float32 rounding.
     equal = torch.empty(acts.shape, dtype=torch.float32, device=acts.device)
-    return torch.eq(acts.detach(), value, out=equal).sum(0).double()
+    return torch.eq(acts.detach().float(), value, out=equal).sum(0).double()
 
 
 def _model_outputs(model_fn, batch, num_latents: int, differentiable_emb: bool):
@@ -111,7 +113,10 @@ def dataset_monoloss_backward(
             its (B, d) embeddings. Called once per batch in each pass, so it must give
             the same values both times: deterministic (dropout off), with the loader
             yielding the same samples (shuffling the order is fine; random
-            augmentation is not). A mismatch is detected and raised.
+            augmentation is not). A mismatch that changes the number of rows, puts an
+            activation below pass 1's minimum or changes which samples attain a
+            latent's minimum raises RuntimeError; other changes (acts rescaled, other
+            embeddings) are not detected and give wrong gradients.
         loader: an iterable of batches (a DataLoader), iterated twice.
         num_latents: M.
         scale: multiplies the gradient (e.g. the MonoLoss coefficient); the returned
@@ -143,6 +148,7 @@ def dataset_monoloss_backward(
             acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
             if accumulator is None:
                 accumulator = MonoScoreAccumulator(num_latents, emb.shape[1], device=emb.device, backend=backend)
+            accumulator._check_batch(acts, emb)
             if num_rows == 0:
                 continue
             stats = _local_stats(acts, emb, backend, isinstance(acts, CsrActs), num_rows)
@@ -182,14 +188,16 @@ def dataset_monoloss_backward(
     seen_min_ties = torch.zeros_like(extremes.min_ties)
     for batch in progress_bar(loader, desc="MonoLoss pass 2/2 (gradient)", enabled=progress):
         acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
+        accumulator._check_batch(acts, emb)
         if num_rows == 0:
             continue
         sparse = isinstance(acts, CsrActs)
         values = acts.values if sparse else acts
+        # In float32, as global_min holds it (rounding keeps the order, so the column minimum may come first).
         if sparse:
-            below = values.detach() < global_min[acts.col_indices]
+            below = values.detach().float() < global_min[acts.col_indices]
         else:  # a column minimum reads acts faster than an elementwise comparison
-            below = values.detach().amin(0) < global_min
+            below = values.detach().amin(0).float() < global_min
         if bool(below.any()):
             raise RuntimeError(
                 "dataset_monoloss_backward: a batch of pass 2 has activations below the minimum of pass 1, so "

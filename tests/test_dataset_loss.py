@@ -92,6 +92,30 @@ def test_equals_autograd_on_the_concatenated_dataset(backend_device, topk, batch
     assert torch.equal(x, x_before) and torch.equal(emb, emb_before)
 
 
+@pytest.mark.parametrize("offset", [0.7, 0.1], ids=["min_rounds_down", "min_rounds_up"])
+def test_float64_acts_whose_minimum_is_not_a_float32(offset):
+    """float64 latents tied at a minimum that float32 cannot hold (0.7 rounds down, 0.1
+    up): the kernels and act_range see the float32 rounding, so the ties and the pass-2
+    range check must compare in float32 too, or the gradient through the min is lost
+    (0.7) or the batch is refused as changed (0.1)."""
+    model = Encoder(torch.Generator().manual_seed(61), topk=False).double()
+    floor = torch.nn.Parameter(torch.tensor(offset, dtype=torch.float64))  # the tied minimum, learned
+    params = [*model.parameters(), floor]
+    x, emb = make_dataset(seed=67)
+    x = x.double()
+
+    def floored(inputs):
+        return torch.maximum(model(inputs), floor)  # many samples at the floor, the gradient of the min reaching it
+
+    assert float(torch.tensor(offset, dtype=torch.float32)) != offset
+    expected_loss = reference_loss(floored(x), emb)
+    expected = torch.autograd.grad(expected_loss, params)
+    loss = mk.dataset_monoloss_backward(lambda b: (floored(b[0]), b[1]), batches(x, emb, 25),
+                                        num_latents=NUM_LATENTS)
+    assert loss == pytest.approx(expected_loss.item(), rel=LOSS_RTOL)
+    check_grads([p.grad for p in params], expected)
+
+
 def test_scale_and_accumulation_into_grad():
     model = Encoder(torch.Generator().manual_seed(11), topk=False)
     x, emb = make_dataset(seed=13)
@@ -153,6 +177,11 @@ def test_bad_input_raises():
         mk.dataset_monoloss_backward(lambda b: model(b[0]), batches(x, emb, 50), num_latents=NUM_LATENTS)
     with pytest.raises(TypeError, match="num_latents must be a positive int"):
         mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1]), batches(x, emb, 50), num_latents=0)
+    widths = iter([EMB_DIM, EMB_DIM - 1])  # the second batch's embeddings are narrower
+    with pytest.raises(ValueError, match=f"emb has dimension {EMB_DIM - 1} but the accumulator was built for "
+                                         f"dim={EMB_DIM}"):
+        mk.dataset_monoloss_backward(lambda b: (model(b[0]), b[1][:, :next(widths)]), batches(x, emb, 50),
+                                     num_latents=NUM_LATENTS)
     with pytest.raises(ValueError, match="emb contains NaN"):
         bad = emb.clone()
         bad[60, 2] = float("nan")
