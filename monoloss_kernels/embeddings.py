@@ -6,8 +6,9 @@
     emb, labels = load_embeddings("emb.npy")         # memory-mapped: pages are read as they are used
 
 `images` is a folder or a torch Dataset. A folder with class subfolders
-(`images/<class>/<file>`) is read with torchvision's ImageFolder: labels are the
-class indices, classes in sorted order. A folder of image files alone gives no labels;
+(`images/<class>/<file>`) is read as torchvision's ImageFolder reads it: labels are the
+class indices, classes in sorted order; hidden entries (.ipynb_checkpoints, .DS_Store)
+are skipped, where ImageFolder would take a hidden folder for a class. A folder of image files alone gives no labels;
 its files are taken in sorted name order. `list_images(folder)` returns the files in
 the order of the rows.
 
@@ -120,7 +121,7 @@ def list_images(folder: str | os.PathLike) -> ImageList:
         raise FileNotFoundError(f"image folder {folder} does not exist")
     if not folder.is_dir():
         raise NotADirectoryError(f"images must be a folder or a torch Dataset; {folder} is a file")
-    from torchvision.datasets.folder import IMG_EXTENSIONS, ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
     class_dirs = [entry for entry in entries if entry.is_dir()]
@@ -131,9 +132,13 @@ def list_images(folder: str | os.PathLike) -> ImageList:
             f"({class_dirs[0].name}, ...): use either class subfolders (labels) or a flat folder of images"
         )
     if class_dirs:
-        image_folder = ImageFolder(str(folder))  # raises, naming the class, for a class folder without images
-        paths = [Path(path) for path, _ in image_folder.samples]
-        return ImageList(paths, [label for _, label in image_folder.samples], list(image_folder.classes))
+        # ImageFolder's listing with the visible class folders only (it would take a hidden
+        # one, such as .ipynb_checkpoints, for class 0 and shift every label).
+        classes = sorted(entry.name for entry in class_dirs)
+        # Raises, naming the class, for a class folder without images.
+        samples = make_dataset(str(folder), {name: index for index, name in enumerate(classes)},
+                               extensions=IMG_EXTENSIONS)
+        return ImageList([Path(path) for path, _ in samples], [label for _, label in samples], classes)
     if not files:
         raise ValueError(f"image folder {folder} has no image files ({', '.join(IMG_EXTENSIONS)})")
     return ImageList(files, None, None)

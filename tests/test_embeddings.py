@@ -106,6 +106,20 @@ def test_class_folder_gives_labels(tiny_clip, class_folder):
     torch.testing.assert_close(emb, direct_embeddings(model, preprocess, listing.paths), **FP32_TOL)
 
 
+def test_hidden_folders_are_not_classes(class_folder):
+    """A hidden folder next to the class folders (Jupyter's .ipynb_checkpoints, even with an
+    image in it) is no class: the labels stay those of the visible classes."""
+    visible = list_images(class_folder)
+    write_images(class_folder / ".ipynb_checkpoints", ["cat0-checkpoint.png"], np.random.default_rng(3))
+    (class_folder / ".empty_hidden").mkdir()
+    listing = list_images(class_folder)
+    assert listing.classes == ["cat", "dog", "eel"] == visible.classes
+    assert listing.labels == visible.labels and listing.paths == visible.paths
+    (class_folder / "fox").mkdir()  # a visible class without images is refused, by name
+    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes fox"):
+        list_images(class_folder)
+
+
 def test_batch_size_does_not_matter(tiny_clip, flat_folder):
     model, preprocess = tiny_clip
     one = embed_images(flat_folder, model=model, preprocess=preprocess, batch_size=1, progress=False).embeddings
