@@ -710,7 +710,7 @@ def _num_classes(labels: RowArray, batch_rows: int) -> int:
     for start in range(0, labels.num_rows, batch_rows):
         chunk = labels.read(start, min(start + batch_rows, labels.num_rows))
         if chunk.numel():
-            lo, hi = int(chunk.min()), int(chunk.max())
+            lo, hi = (int(x) for x in chunk.long().aminmax())  # torch has no min/max for uint16/32/64
             if lo < 0:
                 raise CacheFileError(f"{labels.path}: labels must be >= 0, found {lo}")
             largest = max(largest, hi)

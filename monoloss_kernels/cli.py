@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ._dispatch import BACKENDS
+from .embeddings import ModelLoadError  # open_clip itself is imported only where a model is loaded
 
 PROG = "monoloss-kernels"
 HISTOGRAM_BINS = 10
@@ -104,6 +105,14 @@ def _check_score_args(args) -> str:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as err:
+            raise UsageError(f"--device {args.device}: {err}") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch (torch.cuda.is_available() "
+                             "is False)")
     out_format = Path(args.out).suffix.lower().lstrip(".")
     if out_format not in ("csv", "json"):
         raise UsageError(f"--out {args.out}: must end in .csv or .json")
@@ -328,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return args.run(args, extra)
-    except (OSError, ValueError, TypeError, ImportError, FloatingPointError) as err:
-        # User errors: missing or unreadable files, mismatched inputs, a missing optional package.
+    except (OSError, ValueError, TypeError, ImportError, FloatingPointError, ModelLoadError) as err:
+        # User errors: missing or unreadable files, mismatched inputs, a missing optional package,
+        # an open_clip model that cannot be created or downloaded.
         print(f"{PROG} {args.command}: error: {str(err) or repr(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -59,6 +59,12 @@ class ImageList(NamedTuple):
     classes: list | None  # class names, sorted; labels index into them
 
 
+class ModelLoadError(RuntimeError):
+    """An open_clip model that could not be created or whose weights could not be
+    loaded (an unknown name, a tag that cannot be downloaded); the message says what to
+    do, offline included."""
+
+
 def load_clip_model(model_name: str, pretrained: str | os.PathLike | None = None, *, device="cpu",
                     precision: str = "fp32"):
     """(model in eval mode, preprocess) for an open_clip model.
@@ -73,8 +79,8 @@ def load_clip_model(model_name: str, pretrained: str | os.PathLike | None = None
             weights and uses autocast for its own `precision`).
 
     Raises FileNotFoundError for a checkpoint path that does not exist, ValueError for a
-    file that does not load into the model, RuntimeError (with how to work offline) when
-    a tag cannot be loaded.
+    file that does not load into the model, ModelLoadError (a RuntimeError; with how to
+    work offline) when a tag cannot be loaded or the model cannot be created.
     """
     import open_clip
 
@@ -108,9 +114,9 @@ def load_clip_model(model_name: str, pretrained: str | os.PathLike | None = None
             ) from error
         if pretrained is not None or has_schema:
             source = f"pretrained={pretrained!r}" if pretrained is not None else "its source"
-            raise RuntimeError(f"could not load open_clip model {model_name!r} with {source}: {cause}. "
-                               f"{OFFLINE_HINT}") from error
-        raise RuntimeError(f"could not create open_clip model {model_name!r}: {cause}") from error
+            raise ModelLoadError(f"could not load open_clip model {model_name!r} with {source}: {cause}. "
+                                 f"{OFFLINE_HINT}") from error
+        raise ModelLoadError(f"could not create open_clip model {model_name!r}: {cause}") from error
     return model.eval(), preprocess
 
 
@@ -224,7 +230,11 @@ def save_embeddings(path: str | os.PathLike, emb: Tensor, labels: Tensor | None 
         raise ValueError(f"embeddings path must end in .npy, got {path}")
     if not isinstance(emb, Tensor) or emb.dim() != 2 or not emb.is_floating_point():
         raise ValueError(f"emb must be a 2-D floating-point tensor (N, d), got {_describe(emb)}")
-    if not bool(torch.isfinite(emb).all()):
+    emb32 = emb.detach().to("cpu", torch.float32)
+    if not bool(torch.isfinite(emb32).all()):  # after the cast: float64 values past 3.4e38 overflow to Inf
+        if bool(torch.isfinite(emb).all()):
+            raise ValueError("emb has values beyond the float32 range (|x| > 3.4e38), which is how it is saved; "
+                             "rescale emb (cosine similarity does not depend on the scale of a row)")
         raise ValueError("emb contains NaN or Inf values")
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() \
@@ -232,7 +242,11 @@ def save_embeddings(path: str | os.PathLike, emb: Tensor, labels: Tensor | None 
             raise ValueError(f"labels must be a 1-D integer tensor (N,), got {_describe(labels)}")
         if labels.shape[0] != emb.shape[0]:
             raise ValueError(f"labels has {labels.shape[0]} entries but emb has {emb.shape[0]} rows")
-    arrays = {path: emb.detach().to("cpu", torch.float32).numpy()}
+        if labels.dtype == torch.uint64 and labels.numel():  # torch has no max() for uint64; NumPy has
+            largest = int(labels.detach().cpu().numpy().max())
+            if largest > 2**63 - 1:
+                raise ValueError(f"labels must fit int64, as they are saved; got {largest}")
+    arrays = {path: emb32.numpy()}
     if labels is not None:
         arrays[labels_path(path)] = labels.detach().to("cpu", torch.int64).numpy()
     for target, array in arrays.items():
@@ -300,9 +314,13 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"embeddings file {path} does not exist")
     try:
-        return np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
+        array = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise ValueError(f"{path} is not a readable .npy file (truncated, or another format?): {error}") from error
+    if not isinstance(array, np.ndarray):  # np.load opens a zip archive (np.savez) whatever its name
+        array.close()
+        raise ValueError(f"{path} is an .npz archive, not an .npy file: save one array with np.save")
+    return array
 
 
 class _ImageFiles(torch.utils.data.Dataset):

@@ -239,6 +239,20 @@ def test_labels_give_class_purity(tmp_path):
                                atol=PURITY_TOL, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("label_dtype", [np.uint16, np.uint32, np.uint64])
+def test_unsigned_labels(tmp_path, label_dtype):
+    """Unsigned label files, which torch reads but cannot take the min or max of."""
+    acts, emb = make_data(seed=14)
+    labels = torch.randint(0, 5, (N,), generator=torch.Generator().manual_seed(15))
+    np.save(tmp_path / "acts.npy", acts.numpy())
+    np.save(tmp_path / "labels.npy", labels.numpy().astype(label_dtype))
+    result = caches.score_activations(tmp_path / "acts.npy", emb, labels=tmp_path / "labels.npy", batch_rows=97,
+                                      progress=False)
+    assert result.num_classes == 5
+    torch.testing.assert_close(result.purity, class_purity(acts, labels, num_classes=5), atol=0, rtol=0,
+                               equal_nan=True)
+
+
 def test_every_backend_and_device(tmp_path, backend_device):
     """Chunks (dense, CSR from delphi files) and labels are moved to the accumulator's device."""
     backend, device = backend_device

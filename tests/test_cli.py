@@ -220,7 +220,11 @@ def test_main_errors(dense_files, capsys):
                                                 str(tmp_path / "nowhere" / "s.csv")],
         "--batch-rows must be a positive integer": ["score", acts_npy, "--emb", emb_npy, "--out", out,
                                                     "--batch-rows", "0"],
+        "--device bogus: Expected one of": ["score", acts_npy, "--emb", emb_npy, "--out", out, "--device", "bogus"],
     }
+    if not torch.cuda.is_available():
+        cases["--device cuda: no CUDA GPU is visible"] = ["score", acts_npy, "--emb", emb_npy, "--out", out,
+                                                         "--device", "cuda"]
     for message, argv in cases.items():
         assert cli.main(argv) == 2, message
         err = capsys.readouterr().err
@@ -273,6 +277,16 @@ def test_images_folder_with_class_subfolders(tiny_model, tmp_path):
     torch.testing.assert_close(json_column(document["purity"]).float(), class_purity(acts, labels, num_classes=3),
                                atol=0, rtol=0, equal_nan=True)
     assert document["inputs"]["labels"] == f"class subfolders of {tmp_path / 'images'}"
+
+
+def test_images_with_a_model_that_cannot_be_created_exit_2(tiny_model, tmp_path, capsys):
+    from .test_embeddings import write_images
+
+    write_images(tmp_path / "images", ["a.png", "b.png"], np.random.default_rng(39))
+    np.save(tmp_path / "acts.npy", np.ones((2, 3), dtype=np.float32))
+    assert cli.main(["score", str(tmp_path / "acts.npy"), "--images", str(tmp_path / "images"), "--model",
+                     "NoSuchModel", "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 2
+    assert "score: error: could not create open_clip model 'NoSuchModel'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- bench

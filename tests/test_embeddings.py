@@ -15,6 +15,7 @@ from PIL import Image
 open_clip = pytest.importorskip("open_clip")  # the `clip` extra; pinned in requirements.txt
 
 from monoloss_kernels.embeddings import (  # noqa: E402
+    ModelLoadError,
     embed_images,
     labels_path,
     list_images,
@@ -220,8 +221,10 @@ def test_bad_checkpoints(tiny_clip, tmp_path):
 
 def test_tag_failure_says_how_to_work_offline(tiny_clip):
     # A tag open_clip cannot resolve fails the way a download does offline: the error says what to do instead.
-    with pytest.raises(RuntimeError, match=r"pretrained='no-such-tag'.*local-dir:.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(ModelLoadError, match=r"pretrained='no-such-tag'.*local-dir:.*HF_HUB_OFFLINE=1"):
         load_clip_model(TINY_MODEL, "no-such-tag")
+    with pytest.raises(ModelLoadError, match="could not create open_clip model 'NoSuchModel'"):
+        load_clip_model("NoSuchModel")
 
 
 def test_bad_arguments(tiny_clip, flat_folder):
@@ -312,6 +315,11 @@ def test_bad_embedding_files(tmp_path):
     np.save(labels_path(path), np.ones(6, dtype=np.float32))
     with pytest.raises(ValueError, match="must hold a 1-D integer array"):
         load_embeddings(path)
+    with open(path, "wb") as file:  # np.load opens a zip archive whatever the file is called
+        np.savez(file, emb=np.zeros((6, 3), dtype=np.float32))
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match=f"{path} is an .npz archive, not an .npy file"):
+            load_embeddings(path, mmap=mmap)
 
 
 def test_save_refuses_bad_inputs(tmp_path):
@@ -325,6 +333,12 @@ def test_save_refuses_bad_inputs(tmp_path):
         save_embeddings(tmp_path / "emb.npy", torch.randn(3, 2), torch.rand(3))
     with pytest.raises(ValueError, match="2 entries but emb has 3 rows"):
         save_embeddings(tmp_path / "emb.npy", torch.randn(3, 2), torch.arange(2))
+    # Finite in float64, Inf once saved as float32.
+    with pytest.raises(ValueError, match=r"beyond the float32 range \(\|x\| > 3.4e38\)"):
+        save_embeddings(tmp_path / "emb.npy", torch.tensor([[1e300, 1.0], [2.0, 3.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"labels must fit int64, as they are saved; got {2**63 + 5}"):
+        save_embeddings(tmp_path / "emb.npy", torch.randn(2, 2),
+                        torch.from_numpy(np.array([1, 2**63 + 5], dtype=np.uint64)))
     assert not list(tmp_path.iterdir())
 
 
