@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import monoloss_kernels
+from monoloss_kernels import _extension
 from monoloss_kernels._dispatch import stats_function
 from monoloss_kernels._validate import validate_acts
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore, published_monoscore
-from monoloss_kernels.refine import ill_conditioned_latents
+from monoloss_kernels.refine import _csr_entries, ill_conditioned_latents, torch_deflated_scores
 from monoloss_kernels.stats import finalize
 
 from .common import (DEVICE, OURS_PREFIX, PAIRWISE, SEED, check_scores, make_embeddings, make_topk_batch,
@@ -207,6 +208,31 @@ def test_topk_heavy_tailed(method, measure):
                 "shape": {"N": case.num_rows, "M": case.num_latents, "k": case.k, "d": case.dim},
                 "dtype": "float32", "device": device_name(DEVICE), "max_abs_error": error,
                 "recomputed_latents": refined.numel(), "reference": "closed_form on recomputed latents"})
+
+
+DEFLATED_OP, DEFLATED_TORCH = "deflated_scores op", "torch_deflated_scores"
+
+
+@pytest.mark.parametrize("method", [DEFLATED_OP, DEFLATED_TORCH])
+def test_deflated_scores_heavy_tailed(method, measure):
+    """The recomputation alone on the heavy-tailed batch's recomputed latents (their
+    entries gathered once, outside the timing): the op, which runs the C++ kernel on the
+    CPU where the extension is built, against its torch implementation, which serves
+    every other device."""
+    case = HEAVY_TAILED
+    gen = torch.Generator(device=DEVICE).manual_seed(SEED)
+    values, indices, emb = heavy_tailed_topk(case, gen)
+    acts, e = validate_acts((values, indices), emb, case.num_latents)
+    stats = stats_function("auto", DEVICE, True)(acts, e)
+    latents = ill_conditioned_latents(stats)
+    inputs = (*_csr_entries(acts, latents), stats.act_range[:, latents], e)
+    op = torch.ops.monoloss_kernels.deflated_scores
+    fn = (lambda: op(*inputs)) if method == DEFLATED_OP else (lambda: torch_deflated_scores(*inputs))
+    difference = (fn() - torch_deflated_scores(*inputs)).abs().nan_to_num().max().item()
+    measure(fn, device=DEVICE, group=f"deflated-scores-heavy-tailed-N{case.num_rows}-M{case.num_latents}-k{case.k}"
+            f"-d{case.dim}", method=method, rounds=case.rounds, gemm_flops=case.gemm_flops, extra_info={
+                "recomputed_latents": latents.numel(), "entries": inputs[0].numel(),
+                "cpu_kernel_built": _extension.has_kernel("CPU"), "max_abs_diff_vs_torch": difference})
 
 
 STREAM_SCRIPT = Path(__file__).with_name("stream_topk.py")

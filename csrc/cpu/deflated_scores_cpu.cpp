@@ -10,9 +10,10 @@
 //   denominator = S1' + ½(S1'² - Σ_{n≠n*} ã²),   S1' = Σ_{n≠n*} ã.
 // One pass per latent over its entries' embedding rows, each row read twice from
 // L1 (its norm, then V += (ã - ã_0)/‖e‖ · e), everything in float64. The torch
-// implementation runs ~30 ops per block of 256 latents: ~140 ms for the 7.5k
+// implementation runs ~30 ops per block of 256 latents: 206 ms for the 7.5k
 // latents (47k entries, d = 512) of a Zipf-distributed TopK batch that this
-// kernel takes in 12-20 ms on 2 cores, bound by reading the entries' scattered
+// kernel takes in 20 ms on 2 cores (benchmarks/test_bench_topk.py::
+// test_deflated_scores_heavy_tailed), bound by reading the entries' scattered
 // embedding rows (96 MB) from memory.
 #include "vectorize.h"
 
