@@ -126,14 +126,14 @@ def _check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None
     return num_latents
 
 
-def _check_latent_range(name: str, cols: Tensor, num_latents: int, bound_name: str = "num_latents") -> None:
-    """Refuses indices outside [0, num_latents); bound_name names the bound in the message."""
-    if cols.numel() == 0:
+def _check_index_range(name: str, indices: Tensor, bound: int, bound_name: str = "num_latents") -> None:
+    """Refuses indices outside [0, bound); bound_name names the bound in the message."""
+    if indices.numel() == 0:
         return
-    lo, hi = torch.stack(cols.aminmax()).tolist()  # one read from the device, not two
-    if lo < 0 or hi >= num_latents:
+    lo, hi = torch.stack(indices.aminmax()).tolist()  # one read from the device, not two
+    if lo < 0 or hi >= bound:
         raise ValueError(
-            f"{name} must lie in [0, {bound_name}={num_latents}), got values from {lo} to {hi}"
+            f"{name} must lie in [0, {bound_name}={bound}), got values from {lo} to {hi}"
         )
 
 
@@ -197,7 +197,7 @@ def _dictionary_learning_choice(items, num_latents, emb_dim):
     if top_acts.device != dense.device or top_indices.device != dense.device:
         return dense
     top_indices = _as_int64(top_indices)
-    _check_latent_range("acts top_indices", top_indices, num_latents)
+    _check_index_range("acts top_indices", top_indices, num_latents)
     with torch.no_grad():
         same = (bool((dense.gather(1, top_indices) == top_acts).all())
                 and bool((dense.count_nonzero(1) == top_acts.count_nonzero(1)).all()))
@@ -216,7 +216,7 @@ def _topk_to_csr(values: Tensor, indices: Tensor, num_latents) -> CsrActs:
         raise ValueError(f"acts values and indices must be on the same device, got {values.device} and {indices.device}")
     num_latents = _check_num_latents(num_latents, None)
     indices = _as_int64(indices)
-    _check_latent_range("acts indices", indices, num_latents)
+    _check_index_range("acts indices", indices, num_latents)
     num_rows, k = values.shape
     crow = torch.arange(num_rows + 1, device=values.device, dtype=torch.int64) * k
     # values.reshape(-1) is a view (or a differentiable copy): gradients reach the caller's tensor.
@@ -255,8 +255,8 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
         # torch does not check COO invariants by default, and coalesce() writes out of
         # bounds on an index outside the shape (a crash, not an error).
         rows, cols = acts._indices()
-        _check_latent_range("acts row indices", rows, num_rows, bound_name="N")
-        _check_latent_range("acts column indices", cols, num_latents)
+        _check_index_range("acts row indices", rows, num_rows, bound_name="N")
+        _check_index_range("acts column indices", cols, num_latents)
         acts = acts.coalesce()  # repeated coordinates add up, as in acts.to_dense()
         rows, cols = acts.indices()
         bounds = torch.arange(num_rows + 1, device=acts.device, dtype=rows.dtype)
@@ -269,7 +269,7 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
                          f"{tuple(acts.shape)}, got {crow.shape[0]}")
     if int(crow[0]) != 0 or int(crow[-1]) != cols.shape[0] or bool((crow.diff() < 0).any()):
         raise ValueError(f"acts crow_indices must run from 0 to nnz={cols.shape[0]} without decreasing")
-    _check_latent_range("acts col_indices", cols, num_latents)
+    _check_index_range("acts col_indices", cols, num_latents)
     return CsrActs(crow, cols.long(), acts.values(), num_latents)
 
 

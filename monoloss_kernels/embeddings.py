@@ -8,9 +8,9 @@
 `images` is a folder or a torch Dataset. A folder with class subfolders
 (`images/<class>/<file>`) is read as torchvision's ImageFolder reads it: labels are the
 class indices, classes in sorted order; hidden entries (.ipynb_checkpoints, .DS_Store)
-are skipped, where ImageFolder would take a hidden folder for a class. A folder of image files alone gives no labels;
-its files are taken in sorted name order. `list_images(folder)` returns the files in
-the order of the rows.
+are skipped, where ImageFolder would take a hidden folder for a class. A folder of
+image files alone gives no labels; its files are taken in sorted name order.
+`list_images(folder)` returns the files in the order of the rows.
 
 Weights (`pretrained`): an open_clip tag downloads from the Hugging Face Hub, which
 fails offline. Offline, point at local files instead: a checkpoint file
