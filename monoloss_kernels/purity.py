@@ -191,7 +191,8 @@ class ClassPurityAccumulator:
         for start in starts:
             chunk, chunk_labels = acts[start:start + chunk_rows], labels[start:start + chunk_rows]
             self.counts.index_add_(0, chunk_labels, (chunk > 0).long())
-            self.weights.index_add_(0, chunk_labels, chunk.double().clamp_(min=0))
+            # Not clamp_: for float64 acts .double() is the caller's tensor itself.
+            self.weights.index_add_(0, chunk_labels, chunk.double().clamp(min=0))
 
     def _add_sparse(self, acts: CsrActs, labels: Tensor) -> None:
         values = acts.values

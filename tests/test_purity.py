@@ -138,6 +138,19 @@ def test_dtypes_against_rounded_values(dtype):
                                    equal_nan=True)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["binary", "weighted"])
+def test_float64_input_unchanged(weighted):
+    # .double() of a float64 tensor is the tensor itself: an in-place clamp there zeroed
+    # the caller's negative activations.
+    acts, labels = make_case("signed", 29, 7, 3, torch.Generator().manual_seed(12))
+    before = acts.clone()
+    class_purity(acts, labels, num_classes=3, weighted=weighted)
+    assert torch.equal(acts, before)
+    accumulator = ClassPurityAccumulator(7, 3)
+    accumulator.update(acts, labels)
+    assert torch.equal(acts, before)
+
+
 def test_dead_latents_are_nan_and_live_ones_are_not():
     gen = torch.Generator().manual_seed(5)
     acts, labels = make_case("dead", 29, 8, 3, gen)
