@@ -51,7 +51,9 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     if distributed:
         stats = _local_stats(acts, emb, backend, sparse, num_rows)
         stats, num_rows = _all_reduce_stats(stats, acts, num_rows, group)
-        scores = finalize(stats) if num_rows >= 2 else None
+        # The all-reduced sums are float64 (moved onto the common shift); the scores
+        # and the loss are float32 on every path.
+        scores = finalize(stats).float() if num_rows >= 2 else None
     elif num_rows >= 2:
         stats, cross_sq_at_min = loss_stats_function(backend, emb.device, sparse, differentiable_emb)(acts, emb)
         check_stats_finite(stats, emb)

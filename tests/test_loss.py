@@ -452,8 +452,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         part_values = values[rows].clone().requires_grad_()
         topk_loss = mk.monoloss((part_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
         topk_loss.backward()
+        scores = mk.monoloss(acts[rows], emb[rows], distributed=True, reduction="none")
         torch.save({"loss": loss.detach(), "grad": part.grad, "topk_loss": topk_loss.detach(),
-                    "topk_grad": part_values.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "topk_grad": part_values.grad, "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -472,6 +473,8 @@ def test_distributed_equals_concatenated_batch(tmp_path):
     topk_loss.backward()
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in results:
+        # float32, as without distributed=True (the all-reduced sums are float64)
+        assert result["loss"].dtype == result["topk_loss"].dtype == result["scores"].dtype == torch.float32
         assert abs(result["loss"].item() - loss.item()) <= LOSS_ATOL
         assert abs(result["topk_loss"].item() - topk_loss.item()) <= LOSS_ATOL
     check_grad(torch.cat([r["grad"] for r in results]), full.grad.double())
