@@ -35,6 +35,9 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
             and the gradient of that loss for its own samples -- equal to one process
             computing the loss of the concatenated batch. Collective: every rank must
             call it, with the same num_latents and d.
+        group: a torch.distributed ProcessGroup, only with `distributed=True` (a group
+            without it raises ValueError rather than silently giving each rank its
+            local loss).
 
     Returns:
         "mean": a scalar. A batch in which no latent is defined (N < 2, or every latent
@@ -42,6 +45,7 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_group(group, distributed)
     acts, emb = validate_acts(acts, emb, num_latents)
     if not differentiable_emb:
         emb = emb.detach()
@@ -79,6 +83,7 @@ class MonoLoss(nn.Module):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        _check_group(group, distributed)
         self.reduction = reduction
         self.num_latents = num_latents
         self.backend = backend
@@ -93,6 +98,21 @@ class MonoLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, num_latents={self.num_latents}, backend={self.backend!r}, "
                 f"distributed={self.distributed}")
+
+
+def _check_group(group, distributed: bool) -> None:
+    """`group` only with distributed=True, and then a ProcessGroup (or None)."""
+    if group is None:
+        return
+    if not distributed:
+        raise ValueError(
+            "group is given but distributed=False: the loss would be each rank's local one; "
+            "pass distributed=True to compute it over the group's global batch"
+        )
+    import torch.distributed as dist
+
+    if dist.is_available() and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
 
 
 def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -> MonoScoreStats:

@@ -296,6 +296,18 @@ def test_bad_input_raises():
         mk.monoloss(bad.requires_grad_(), emb)
 
 
+def test_group_needs_distributed():
+    """group= alone would give each rank its local loss: refused, as is a group that is
+    no ProcessGroup (the real group is passed in test_distributed_equals_concatenated_batch)."""
+    acts, emb = torch.rand(10, 4), torch.rand(10, 3)
+    with pytest.raises(ValueError, match="group is given but distributed=False"):
+        mk.monoloss(acts, emb, group=object())
+    with pytest.raises(ValueError, match="group is given but distributed=False"):
+        mk.MonoLoss(group=object())
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup or None, got str"):
+        mk.monoloss(acts, emb, group="world", distributed=True)
+
+
 # gradcheck needs a float64 forward; the kernels accumulate cross in float32. So the
 # registered backward is attached to a float64 statistics op defined here, and
 # gradcheck compares it with finite differences of that op.
@@ -447,8 +459,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         acts, values, indices, emb = _ddp_batch()
         rows = slice(*[(0, 30), (30, 90)][rank])  # uneven parts
         part = acts[rows].clone().requires_grad_()
-        loss = mk.monoloss(part, emb[rows], distributed=True)
+        loss = mk.monoloss(part, emb[rows], distributed=True, group=dist.group.WORLD)  # a real ProcessGroup
         loss.backward()
+        with pytest.raises(ValueError, match="group is given but distributed=False"):
+            mk.monoloss(part, emb[rows], group=dist.group.WORLD)
         part_values = values[rows].clone().requires_grad_()
         topk_loss = mk.monoloss((part_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
         topk_loss.backward()
