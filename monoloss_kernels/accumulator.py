@@ -55,9 +55,13 @@ class MonoScoreAccumulator:
         self.num_rows = 0  # host copy of counts[0]: no device sync to know whether anything was seen
         self._sums = empty_batch_stats(self.num_latents, self.dim, self.device, cross_dtype=torch.float64)
 
+    @torch.no_grad()
     def update(self, acts, emb: Tensor, *, num_latents: int | None = None) -> None:
         """Adds a batch: acts in any form `monoscore` accepts (num_latents defaults to
-        the accumulator's for a (values, indices) pair), emb (B, d)."""
+        the accumulator's for a (values, indices) pair), emb (B, d). Inputs that require
+        grad are read as constants: the running sums carry no autograd graph."""
+        # no_grad: an SAE's latents usually require grad, and a graph through the running
+        # sums would keep every batch alive (memory growing with N instead of O(d·M)).
         acts, emb = validate_acts(acts, emb, self.num_latents if num_latents is None else num_latents)
         sparse = isinstance(acts, CsrActs)
         num_rows = acts.num_rows if sparse else acts.shape[0]

@@ -265,7 +265,9 @@ def _load_pt(path: str) -> Tensor:
         raise CacheFileError(f"{path}: expected one tensor saved with torch.save, got {type(obj).__name__}")
     if obj.layout != torch.strided:
         raise CacheFileError(f"{path}: expected a dense tensor, got layout {obj.layout}")
-    return obj
+    # A tensor saved outside no_grad (torch.save(sae.encode(x), ...)) loads with
+    # requires_grad=True; cached values are data, and detach keeps the memory map.
+    return obj.detach()
 
 
 def open_rows(source, *, key: str | None = None) -> RowArray:

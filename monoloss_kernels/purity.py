@@ -104,9 +104,11 @@ class ClassPurityAccumulator:
         self.counts = torch.zeros(self.num_classes, self.num_latents, dtype=torch.int64, device=self.device)
         self.weights = torch.zeros(self.num_classes, self.num_latents, dtype=torch.float64, device=self.device)
 
+    @torch.no_grad()
     def update(self, acts, labels: Tensor, *, num_latents: int | None = None) -> None:
         """Adds a batch: acts (B, M) in any form `class_purity` accepts (num_latents
-        defaults to the accumulator's for a (values, indices) pair), labels (B,)."""
+        defaults to the accumulator's for a (values, indices) pair), labels (B,).
+        Acts that require grad are read as constants (no graph through the sums)."""
         acts = canonical_acts(acts, self.num_latents if num_latents is None else num_latents)
         if isinstance(acts, CsrActs):
             num_rows, batch_latents, device = acts.num_rows, acts.num_latents, acts.values.device

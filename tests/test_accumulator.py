@@ -107,6 +107,27 @@ def test_state_dict_round_trip_then_continue():
                                atol=ATOL[torch.float32], rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("form", ["dense", "topk", "coo"])
+def test_inputs_that_require_grad_leave_no_graph(form):
+    # An SAE's latents require grad; a graph through the running sums would keep every
+    # batch alive, so memory would grow with N.
+    dense, emb = make_data(8)
+    weight = torch.ones(M, requires_grad=True)
+    emb = emb.clone().requires_grad_()
+    acc = mk.MonoScoreAccumulator(M, D)
+    for rows in (slice(0, 100), slice(100, 200), slice(200, N)):
+        latents = dense[rows] * weight  # requires grad, as an SAE's output
+        if form == "topk":
+            top = torch.topk(latents, K, dim=1)
+            batch = (top.values, top.indices)
+        else:
+            batch = latents.to_sparse() if form == "coo" else latents
+        acc.update(batch, emb[rows])
+    assert not any(t.requires_grad for t in acc.state_dict().values() if isinstance(t, torch.Tensor))
+    assert not acc.compute().requires_grad
+    assert not mk.MonoScoreAccumulator(M, D).merge(acc).compute().requires_grad
+
+
 def test_fewer_than_two_rows_and_reset():
     acc = mk.MonoScoreAccumulator(M, D)
     assert acc.compute().isnan().all()

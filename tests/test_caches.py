@@ -146,6 +146,18 @@ def test_dense_formats_equal_monoscore(tmp_path, fmt, batch_rows):
     assert file_digests(tmp_path) == before
 
 
+def test_pt_cache_saved_with_requires_grad(tmp_path):
+    # torch.save(sae.encode(x), ...) outside no_grad stores requires_grad=True; read as
+    # data, or the streaming pass would build one graph across every chunk.
+    acts, emb = make_data(2)
+    torch.save(acts.clone().requires_grad_(), tmp_path / "acts.pt")
+    cache = caches.open_activations(tmp_path / "acts.pt")
+    assert not cache.read_rows(0, 10).requires_grad
+    result = caches.score_activations(tmp_path / "acts.pt", emb, batch_rows=97, progress=False)
+    assert not result.monoscore.requires_grad
+    assert_scores(result.monoscore, mk.monoscore(acts, emb))
+
+
 @pytest.mark.parametrize("emb_format", ["pt", "safetensors", "tensor"])
 def test_embedding_sources(tmp_path, emb_format):
     acts, emb = make_data(seed=5)

@@ -151,6 +151,23 @@ def test_float64_input_unchanged(weighted):
     assert torch.equal(acts, before)
 
 
+@pytest.mark.parametrize("form", ["dense", "topk_int64", "coo"])
+def test_acts_that_require_grad_leave_no_graph(form):
+    # A graph through the running sums would keep every batch alive (memory growing with N).
+    acts, labels = make_case("relu", 37, 11, 3, torch.Generator().manual_seed(13))
+    given, _ = to_form(form, acts, k=4)
+    if form.startswith("topk"):
+        given = (given[0].requires_grad_(), given[1])
+    else:
+        given = given.requires_grad_()
+    accumulator = ClassPurityAccumulator(11, 3)
+    accumulator.update(given, labels, num_latents=11)
+    accumulator.update(given, labels, num_latents=11)
+    assert not accumulator.counts.requires_grad and not accumulator.weights.requires_grad
+    assert not accumulator.compute(weighted=True).requires_grad
+    assert not class_purity(given, labels, num_latents=11, weighted=True).requires_grad
+
+
 def test_dead_latents_are_nan_and_live_ones_are_not():
     gen = torch.Generator().manual_seed(5)
     acts, labels = make_case("dead", 29, 8, 3, gen)
