@@ -66,8 +66,7 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         check_finite(acts, emb)
         scores = None
     if scores is None:  # N < 2: no pair, every score undefined
-        # Keep the graph connected, so backward() runs and gives zero gradients.
-        scores = torch.full((num_latents,), float("nan"), device=emb.device) + 0 * values.sum()
+        scores = torch.full((num_latents,), float("nan"), device=emb.device) + _graph_zero(values, emb)
     if reduction == "none":
         return scores
     defined = scores.isfinite()
@@ -100,6 +99,13 @@ class MonoLoss(nn.Module):
                 f"distributed={self.distributed}")
 
 
+def _graph_zero(values: Tensor, emb: Tensor) -> Tensor:
+    """A 0 that depends on values and emb (emb is detached unless differentiable_emb):
+    added to a result that has no pair to depend on, it keeps both inputs in the graph,
+    so backward() runs and gives them zero gradients (the inputs are finite: checked)."""
+    return 0 * values.sum() + 0 * emb.sum()
+
+
 def _check_group(group, distributed: bool) -> None:
     """`group` only with distributed=True, and then a ProcessGroup (or None)."""
     if group is None:
@@ -122,8 +128,7 @@ def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -
         check_stats_finite(stats, emb)
         return stats
     num_latents = acts.num_latents if sparse else acts.shape[1]
-    values = acts.values if sparse else acts
-    zero = 0 * values.sum()  # connects the (empty) input to the graph
+    zero = _graph_zero(acts.values if sparse else acts, emb)
     empty = empty_batch_stats(num_latents, emb.shape[1], emb.device)
     return empty._replace(cross=empty.cross + zero, act_range=empty.act_range + zero, moments=empty.moments + zero)
 

@@ -276,12 +276,19 @@ def test_reduction_none_and_module(backend_device):
     lambda: (torch.rand(1, 6), torch.rand(1, 4)),  # one sample: no pair
     lambda: (torch.full((9, 6), 2.5), torch.rand(9, 4)),  # every latent constant
 ], ids=["one-row", "all-constant"])
-def test_no_defined_latent_gives_one_and_zero_gradient(make):
+@pytest.mark.parametrize("grads", ["acts", "emb", "both"])
+def test_no_defined_latent_gives_one_and_zero_gradient(make, grads):
+    """Zero gradients reach every input that asks for one, emb included (differentiable_emb)
+    and also when acts needs none (a one-row batch once raised 'does not require grad')."""
     acts, emb = make()
-    acts.requires_grad_()
-    loss = mk.monoloss(acts, emb)
+    acts.requires_grad_(grads != "emb")
+    emb.requires_grad_(grads != "acts")
+    loss = mk.monoloss(acts, emb, differentiable_emb=grads != "acts")
     loss.backward()
-    assert loss.item() == 1.0 and acts.grad.eq(0).all()
+    assert loss.item() == 1.0
+    for x in (acts, emb):
+        assert x.grad is not None if x.requires_grad else x.grad is None
+        assert x.grad is None or x.grad.eq(0).all()
 
 
 def test_bad_input_raises():
@@ -463,6 +470,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         loss.backward()
         with pytest.raises(ValueError, match="group is given but distributed=False"):
             mk.monoloss(part, emb[rows], group=dist.group.WORLD)
+        # A rank with no rows, emb the only input with a gradient: a zero one (shape (0, d)).
+        rows_or_none = slice(0, 0) if rank == 0 else slice(None)
+        emb_part = emb[rows_or_none].clone().requires_grad_()
+        mk.monoloss(acts[rows_or_none], emb_part, differentiable_emb=True, distributed=True).backward()
+        assert emb_part.grad is not None and emb_part.grad.shape == emb_part.shape
+        assert rank != 0 or emb_part.grad.numel() == 0
         part_values = values[rows].clone().requires_grad_()
         topk_loss = mk.monoloss((part_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
         topk_loss.backward()
