@@ -76,11 +76,17 @@ def available_backends(device: torch.device | str) -> list[str]:
     return names
 
 
+def check_backend(backend) -> None:
+    """Refuses a `backend=` that is none of BACKENDS; for callers that check it before
+    the inputs' device is known (module constructors)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def stats_function(backend: str, device: torch.device, sparse: bool = False) -> Callable[..., MonoScoreStats]:
     """The statistics implementation for `backend` on `device`, taking (acts, emb) with
     acts dense or (`sparse`) a `CsrActs`; clear error if unavailable."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         backend = available_backends(device)[0]
     if backend == "torch":

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
-from ._dispatch import loss_stats_function, stats_function
-from ._validate import check_finite, check_stats_finite, validate_acts
+from ._dispatch import check_backend, loss_stats_function, stats_function
+from ._validate import _check_num_latents, check_finite, check_stats_finite, validate_acts
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
@@ -50,6 +50,7 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     if not differentiable_emb:
         emb = emb.detach()
     sparse = isinstance(acts, CsrActs)
+    stats_function(backend, emb.device, sparse)  # backend= checked on every path, N < 2 included
     num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
     values = acts.values if sparse else acts
     if distributed:
@@ -83,6 +84,9 @@ class MonoLoss(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         _check_group(group, distributed)
+        check_backend(backend)
+        if num_latents is not None:
+            _check_num_latents(num_latents, None)
         self.reduction = reduction
         self.num_latents = num_latents
         self.backend = backend

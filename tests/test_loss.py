@@ -303,6 +303,20 @@ def test_bad_input_raises():
         mk.monoloss(bad.requires_grad_(), emb)
 
 
+def test_backend_and_num_latents_checked_on_every_path():
+    """backend= is checked before the N < 2 shortcut (it was accepted there), and by the
+    module's constructor, as num_latents is; the errors are those of the other paths."""
+    one_row, emb = torch.rand(1, 4), torch.rand(1, 3)
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
+        mk.monoloss(one_row, emb, backend="bogus")
+    with pytest.raises(ValueError, match=r"backend=.cuda. needs cuda tensors; the inputs are on cpu"):
+        mk.monoloss(one_row, emb, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend must be one of .*, got 'bogus'"):
+        mk.MonoLoss(backend="bogus")
+    with pytest.raises(TypeError, match="num_latents must be a non-negative int, got -3"):
+        mk.MonoLoss(num_latents=-3)
+
+
 def test_group_needs_distributed():
     """group= alone would give each rank its local loss: refused, as is a group that is
     no ProcessGroup (the real group is passed in test_distributed_equals_concatenated_batch)."""
