@@ -15,8 +15,26 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ._dispatch import check_backend
 from .loss import monoloss
 from .stats import CsrActs
+
+
+def _check_int(name: str, value, low: int, high: int | None = None, high_name: str = "") -> None:
+    """value an int (not a bool) in [low, high]; the error names the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        upper = "" if high is None else f" <= {high_name} = {high}" if high_name else f" <= {high}"
+        raise ValueError(f"{name} must satisfy {low} <= {name}{upper}, got {value}")
+
+
+def _check_coef(name: str, value, positive: bool = False) -> None:
+    """value a finite real number, >= 0 (> 0 with `positive`); the error names the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
 
 
 class SAEOutput(NamedTuple):
@@ -32,10 +50,17 @@ class SparseAutoencoder(nn.Module):
     """x -> acts = activation(W_enc (x - b_dec) + b_enc) -> W_dec acts + b_dec.
 
     Subclasses define `activate(pre_acts) -> (dense acts, acts for monoloss, sparsity loss)`.
+    The arguments are checked here (TypeError/ValueError naming each); `forward` takes x in
+    the parameters' dtype (float32 unless the module was cast), and refuses others rather
+    than casting them.
     """
 
     def __init__(self, d_in: int, num_latents: int, *, mono_coef: float = 0.0, backend: str = "auto"):
         super().__init__()
+        _check_int("d_in", d_in, 1)
+        _check_int("num_latents", num_latents, 1)
+        _check_coef("mono_coef", mono_coef)
+        check_backend(backend)
         self.d_in, self.num_latents = d_in, num_latents
         self.mono_coef, self.backend = mono_coef, backend
         self.W_enc = nn.Parameter(torch.empty(d_in, num_latents))
@@ -56,8 +81,15 @@ class SparseAutoencoder(nn.Module):
         return self.activate(self.encode_pre(x))[1]
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> SAEOutput:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a (B, d_in={self.d_in}) tensor, got {type(x).__name__}")
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"x must be (B, d_in={self.d_in}), got shape {tuple(x.shape)}")
+        if x.dtype != self.W_enc.dtype:
+            raise TypeError(
+                f"x must be {self.W_enc.dtype}, the dtype of the SAE's parameters, got {x.dtype}: "
+                f"cast x (x.to({self.W_enc.dtype})) or the SAE (sae.to({x.dtype}))"
+            )
         acts, mono_acts, sparsity_loss = self.activate(self.encode_pre(x))
         reconstruction = acts @ self.W_dec + self.b_dec
         recon_loss = (reconstruction - x).pow(2).sum(1).mean()
@@ -73,10 +105,11 @@ class SparseAutoencoder(nn.Module):
 
 
 class TopKSAE(SparseAutoencoder):
-    """Keeps the k largest pre-activations of each sample (after ReLU)."""
+    """Keeps the k largest pre-activations of each sample (after ReLU); 1 <= k <= num_latents."""
 
     def __init__(self, d_in: int, num_latents: int, k: int, **kwargs):
         super().__init__(d_in, num_latents, **kwargs)
+        _check_int("k", k, 1, num_latents, "num_latents")
         self.k = k
 
     def activate(self, pre_acts):
@@ -88,10 +121,11 @@ class TopKSAE(SparseAutoencoder):
 
 class BatchTopKSAE(SparseAutoencoder):
     """Keeps the k·B largest pre-activations of the whole batch (after ReLU): k per
-    sample on average, more for samples that need them."""
+    sample on average, more for samples that need them; 1 <= k <= num_latents."""
 
     def __init__(self, d_in: int, num_latents: int, k: int, **kwargs):
         super().__init__(d_in, num_latents, **kwargs)
+        _check_int("k", k, 1, num_latents, "num_latents")
         self.k = k
 
     def activate(self, pre_acts):
@@ -114,6 +148,9 @@ class JumpReLUSAE(SparseAutoencoder):
     def __init__(self, d_in: int, num_latents: int, *, l0_coef: float = 1e-3, bandwidth: float = 1e-3,
                  initial_threshold: float = 1e-3, **kwargs):
         super().__init__(d_in, num_latents, **kwargs)
+        _check_coef("l0_coef", l0_coef)
+        _check_coef("bandwidth", bandwidth, positive=True)
+        _check_coef("initial_threshold", initial_threshold, positive=True)  # its log is the parameter
         self.l0_coef, self.bandwidth = l0_coef, bandwidth
         self.log_threshold = nn.Parameter(torch.full((num_latents,), math.log(initial_threshold)))
 
@@ -131,6 +168,7 @@ class ReLUSAE(SparseAutoencoder):
 
     def __init__(self, d_in: int, num_latents: int, *, l1_coef: float = 5.0, **kwargs):
         super().__init__(d_in, num_latents, **kwargs)
+        _check_coef("l1_coef", l1_coef)
         self.l1_coef = l1_coef
 
     def activate(self, pre_acts):

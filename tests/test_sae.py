@@ -77,3 +77,36 @@ def test_latents_are_the_forward_latents_in_monoloss_form(variant):
     latents = sae.latents(x)
     torch.testing.assert_close(mk.monoscore(latents, x, num_latents=M), mk.monoscore(dense, x),
                                atol=2e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: TopKSAE(D_IN, M, M + 1), ValueError, r"k must satisfy 1 <= k <= num_latents = 64, got 65"),
+    (lambda: TopKSAE(D_IN, M, -1), ValueError, r"k must satisfy 1 <= k <= num_latents = 64, got -1"),
+    (lambda: TopKSAE(D_IN, M, 2.5), TypeError, r"k must be an int, got 2.5"),
+    (lambda: BatchTopKSAE(D_IN, M, M + 1), ValueError, r"k must satisfy 1 <= k <= num_latents = 64, got 65"),
+    (lambda: TopKSAE(D_IN, M, K, mono_coef="a"), TypeError, r"mono_coef must be a real number, got 'a'"),
+    (lambda: TopKSAE(D_IN, M, K, mono_coef=float("nan")), ValueError, r"mono_coef must be a finite number >= 0"),
+    (lambda: TopKSAE(D_IN, M, K, backend="bogus"), ValueError, r"backend must be one of .*, got 'bogus'"),
+    (lambda: ReLUSAE(0, M), ValueError, r"d_in must satisfy 1 <= d_in, got 0"),
+    (lambda: ReLUSAE(D_IN, M, l1_coef=-1.0), ValueError, r"l1_coef must be a finite number >= 0, got -1.0"),
+    (lambda: JumpReLUSAE(D_IN, M, bandwidth=0.0), ValueError, r"bandwidth must be a finite number > 0, got 0.0"),
+    (lambda: JumpReLUSAE(D_IN, M, initial_threshold=-1.0), ValueError, r"initial_threshold must be a finite number > 0"),
+], ids=["topk-k-over-M", "topk-k-negative", "topk-k-float", "batchtopk-k-over-M", "mono_coef-str", "mono_coef-nan",
+        "backend", "d_in", "l1_coef", "bandwidth", "initial_threshold"])
+def test_bad_arguments_raise_at_construction(make, error, message):
+    """Each argument is checked in __init__, by name (k > M failed at the first forward
+    with torch's 'selected index k out of range'; backend='bogus' was accepted)."""
+    with pytest.raises(error, match=message):
+        make()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_x_of_another_dtype_raises(variant):
+    """x must be in the parameters' dtype (float64 x failed inside the matmul with a
+    dtype mismatch); a float64 SAE takes float64 x."""
+    sae = VARIANTS[variant](mono_coef=0.1)
+    x = batch().double()
+    with pytest.raises(TypeError, match=r"x must be torch.float32, the dtype of the SAE's parameters, got torch.float64"):
+        sae(x)
+    out = sae.double()(x)
+    assert out.acts.dtype == torch.float64 and torch.isfinite(out.loss)
