@@ -12,10 +12,13 @@ with exit code 2 and no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -116,10 +119,23 @@ def _check_score_args(args) -> str:
     out_format = Path(args.out).suffix.lower().lstrip(".")
     if out_format not in ("csv", "json"):
         raise UsageError(f"--out {args.out}: must end in .csv or .json")
-    out_dir = Path(args.out).resolve().parent
-    if not out_dir.is_dir():
-        raise UsageError(f"--out {args.out}: the folder {out_dir} does not exist")
+    _check_output_file("--out", args.out)
     return out_format
+
+
+def _check_output_file(option: str, path: str) -> None:
+    """Refuses an output path that could not be written, before the long pass whose
+    result it would hold: a directory of that name, a missing or unwritable folder."""
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a file name")
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: the folder {folder} does not exist")
+    try:  # a real write: os.access misjudges root, read-only mounts and ACLs
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot write in {folder} ({err.strerror or err})") from err
 
 
 def _embed_images(args):
@@ -254,10 +270,24 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _replacing(path: str):
+    """A text file to write that becomes `path` only once complete (`path`.tmp, then
+    os.replace, as save_embeddings writes): a failed write leaves an earlier `path` intact."""
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            yield f
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def _write_csv(path: str, columns: dict) -> None:
     names = list(columns)
     values = [columns[n].tolist() for n in names]
-    with open(path, "w") as f:
+    with _replacing(path) as f:
         f.write(",".join(["latent", *names]) + "\n")
         for latent, row in enumerate(zip(*values)):
             f.write(",".join([str(latent), *(repr(float(x)) for x in row)]) + "\n")
@@ -270,7 +300,7 @@ def _write_json(path: str, columns: dict, summary: dict, **inputs) -> None:
         # per-latent values, indexed by latent; null where undefined (JSON has no NaN)
         **{name: [_float_or_none(x) for x in column.tolist()] for name, column in columns.items()},
     }
-    with open(path, "w") as f:
+    with _replacing(path) as f:
         json.dump(document, f, indent=1, allow_nan=False)
         f.write("\n")
 

@@ -238,6 +238,54 @@ def test_main_errors(dense_files, capsys):
     assert cli.main(["--help"]) == 0
 
 
+def test_out_refused_before_scoring(dense_files, capsys, monkeypatch):
+    """An --out that cannot be written is refused before the streaming pass, not after it."""
+    tmp_path, acts, emb = dense_files
+    from monoloss_kernels import caches
+
+    def score_activations(*args, **kwargs):
+        raise AssertionError("the streaming pass ran before --out was checked")
+
+    monkeypatch.setattr(caches, "score_activations", score_activations)
+    (tmp_path / "scores.json").mkdir()  # e.g. a leftover folder of that name
+    argv = ["score", str(tmp_path / "acts.npy"), "--emb", str(tmp_path / "emb.npy"), "--no-progress", "--out"]
+    assert cli.main([*argv, str(tmp_path / "scores.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("monoloss-kernels score: error: --out ") and "is a directory" in err, err
+
+
+@pytest.mark.parametrize("suffix", ["csv", "json"])
+def test_failed_write_leaves_the_previous_out_intact(dense_files, monkeypatch, suffix):
+    """Scores are written to a temporary file and renamed: a write that fails midway (a full
+    disk) leaves the earlier result whole, and no temporary file behind."""
+    tmp_path, acts, emb = dense_files
+    out = tmp_path / f"scores.{suffix}"
+    argv = ["score", str(tmp_path / "acts.npy"), "--emb", str(tmp_path / "emb.npy"), "--out", str(out),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    previous = out.read_bytes()
+    real_open = open
+
+    class FullDisk:  # the file the scores are written to: the first write fails after 3 characters
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            self.file.write(text[:3])
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.file.close()
+
+    monkeypatch.setattr(cli, "open", lambda path, mode="r": FullDisk(real_open(path, mode)), raising=False)
+    assert cli.main(argv) == 2
+    assert out.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["acts.npy", "emb.npy", out.name])
+
+
 # --------------------------------------------------------------------------- --images
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
