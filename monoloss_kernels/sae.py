@@ -140,10 +140,12 @@ class BatchTopKSAE(SparseAutoencoder):
 
 
 class JumpReLUSAE(SparseAutoencoder):
-    """acts = pre · [pre > θ] with a learned per-latent threshold θ and an L0 penalty.
-
-    θ and the L0 count get gradients through a sigmoid surrogate of the step of width
-    `bandwidth` (straight-through: the forward uses the exact step)."""
+    """acts = pre · H(pre - θ) with a learned per-latent threshold θ and an L0 penalty
+    Σ H(pre - θ), trained as JumpReLU (Rajamanoharan et al. 2024): ∂acts/∂pre = H(pre - θ)
+    and the L0 term sends nothing to pre; only θ gets pseudo-derivatives,
+    ∂acts/∂θ = -θ·K((pre - θ)/ε)/ε and ∂H/∂θ = -K((pre - θ)/ε)/ε, with ε = `bandwidth`
+    and K the density of the logistic sigmoid (the paper's rectangle kernel, smoothed).
+    The forward uses the exact step."""
 
     def __init__(self, d_in: int, num_latents: int, *, l0_coef: float = 1e-3, bandwidth: float = 1e-3,
                  initial_threshold: float = 1e-3, **kwargs):
@@ -157,10 +159,12 @@ class JumpReLUSAE(SparseAutoencoder):
     def activate(self, pre_acts):
         threshold = self.log_threshold.exp()
         step = (pre_acts > threshold).to(pre_acts.dtype)
-        surrogate = torch.sigmoid((pre_acts - threshold) / self.bandwidth)
-        gate = step + (surrogate - surrogate.detach())
-        acts = pre_acts * gate
-        return acts, acts, self.l0_coef * gate.sum(1).mean()
+        # pre detached: the surrogate's slope (up to 1/ε² at the threshold) must reach θ
+        # only; through pre it would add pre·K/ε to the straight-through H(pre - θ).
+        surrogate = torch.sigmoid((pre_acts.detach() - threshold) / self.bandwidth)
+        jump = surrogate - surrogate.detach()  # 0; ∂/∂θ = -K((pre - θ)/ε)/ε
+        acts = pre_acts * step + threshold.detach() * jump  # the jump at θ is of height θ
+        return acts, acts, self.l0_coef * (step + jump).sum(1).mean()
 
 
 class ReLUSAE(SparseAutoencoder):

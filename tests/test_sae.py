@@ -110,3 +110,33 @@ def test_x_of_another_dtype_raises(variant):
         sae(x)
     out = sae.double()(x)
     assert out.acts.dtype == torch.float64 and torch.isfinite(out.loss)
+
+
+def test_jumprelu_gradients_are_the_straight_through_estimator():
+    """JumpReLU's estimator (Rajamanoharan et al. 2024), with the sigmoid's density
+    K(u) = σ(u)(1 - σ(u)) as kernel: ∂Σacts/∂pre = H(pre - θ) and ∂L0/∂pre = 0 (the
+    surrogate reached pre: [117, 118, 1] and a nonzero L0 gradient at these values);
+    ∂acts/∂θ = -θ K(u)/ε and ∂L0/∂θ = -l0_coef K(u)/ε, u = (pre - θ)/ε, computed by hand."""
+    import math
+
+    theta, eps, l0_coef = 0.5, 1e-3, 2.0
+    sae = JumpReLUSAE(4, 3, bandwidth=eps, initial_threshold=theta, l0_coef=l0_coef)
+    pre = torch.tensor([[0.4995, 0.5005, 2.0]], dtype=torch.float64, requires_grad=True)  # below, above, far above θ
+    sae.double()
+    acts, _, l0 = sae.activate(pre)
+    assert acts.tolist() == [[0.0, 0.5005, 2.0]]
+    grad_pre, grad_log_theta = torch.autograd.grad(acts.sum(), (pre, sae.log_threshold), retain_graph=True)
+    l0_grad_pre, l0_grad_log_theta = torch.autograd.grad(l0, (pre, sae.log_threshold), allow_unused=True)
+
+    def kernel(p, t):
+        sig = 1 / (1 + math.exp(-(p - t) / eps))
+        return sig * (1 - sig)
+
+    # θ = exp(log θ) (0.5 to float32 rounding of its log): ∂/∂log θ = θ ∂/∂θ
+    pairs = list(zip(pre[0].tolist(), sae.log_threshold.detach().exp().tolist()))
+    expected_acts_log_theta = [t * -t * kernel(p, t) / eps for p, t in pairs]
+    expected_l0_log_theta = [t * -l0_coef * kernel(p, t) / eps for p, t in pairs]
+    torch.testing.assert_close(grad_pre, torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert l0_grad_pre is None or l0_grad_pre.abs().max() == 0
+    torch.testing.assert_close(grad_log_theta, torch.tensor(expected_acts_log_theta, dtype=torch.float64))
+    torch.testing.assert_close(l0_grad_log_theta, torch.tensor(expected_l0_log_theta, dtype=torch.float64))
