@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ._dispatch import BACKENDS
-from .embeddings import ModelLoadError  # open_clip itself is imported only where a model is loaded
+from .embeddings import ModelLoadError, labels_path  # open_clip itself is imported only where a model is loaded
 
 PROG = "monoloss-kernels"
 HISTOGRAM_BINS = 10
@@ -102,8 +102,11 @@ def _check_score_args(args) -> str:
         raise UsageError("--images needs --model (an open_clip model name)")
     if args.emb is not None and (args.model or args.pretrained or args.save_emb):
         raise UsageError("--model, --pretrained and --save-emb go with --images, not --emb")
-    if args.save_emb is not None and Path(args.save_emb).suffix != ".npy":
-        raise UsageError(f"--save-emb {args.save_emb}: must end in .npy")
+    if args.save_emb is not None:
+        if Path(args.save_emb).suffix != ".npy":
+            raise UsageError(f"--save-emb {args.save_emb}: must end in .npy")
+        _check_output_file("--save-emb", args.save_emb)
+        _check_not_an_input(args)
     for name in ("batch_rows", "top", "image_batch_size", "num_latents", "seq_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -136,6 +139,35 @@ def _check_output_file(option: str, path: str) -> None:
             pass
     except OSError as err:
         raise UsageError(f"{option} {path}: cannot write in {folder} ({err.strerror or err})") from err
+
+
+def _input_files(args) -> list[tuple[str, str]]:
+    """(option, path) of every input file named on the command line. A directory or glob
+    given as ACTS is left out: its caches are .pt/.safetensors files, never a .npy that
+    --save-emb could name."""
+    named = [("ACTS", p) for p in args.acts]
+    named += [(f"--{option}", getattr(args, option)) for option in ("values", "indices", "labels")
+              if getattr(args, option) is not None]
+    return named
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)  # also through hard links
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_not_an_input(args) -> None:
+    """Refuses a --save-emb whose file or labels sidecar (written, or removed when the
+    folder gives no labels) is one of the inputs: save_embeddings would replace it."""
+    sidecar = str(labels_path(args.save_emb))
+    for target, what in ((args.save_emb, "is"), (sidecar, f"its labels sidecar {sidecar} is")):
+        for option, path in _input_files(args):
+            if _same_file(target, path):
+                raise UsageError(
+                    f"--save-emb {args.save_emb}: {what} the {option} input {path}, which saving the embeddings "
+                    f"would overwrite or delete; choose another --save-emb name"
+                )
 
 
 def _embed_images(args):

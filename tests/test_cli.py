@@ -327,6 +327,37 @@ def test_images_folder_with_class_subfolders(tiny_model, tmp_path):
     assert document["inputs"]["labels"] == f"class subfolders of {tmp_path / 'images'}"
 
 
+@pytest.mark.filterwarnings("ignore:.*random weights")
+@pytest.mark.parametrize("target", ["acts", "labels_sidecar", "flat_folder_removes_sidecar"])
+def test_save_emb_never_overwrites_an_input(tiny_model, tmp_path, capsys, target):
+    """--save-emb (or its .labels.npy sidecar, written, or removed when the folder gives no
+    labels) naming an input is refused before any work, and the input is left as it was."""
+    from .test_embeddings import write_images
+
+    gen = np.random.default_rng(40)
+    if target == "labels_sidecar":
+        for name in ("cat", "dog"):
+            write_images(tmp_path / "images" / name, [f"{name}{i}.png" for i in range(3)], gen)
+    else:
+        write_images(tmp_path / "images", [f"{i}.png" for i in range(6)], gen)
+    acts_path = tmp_path / "acts.npy"
+    np.save(acts_path, np.maximum(gen.standard_normal((6, 10)), 0).astype(np.float32))
+    np.save(tmp_path / "emb.labels.npy", np.array([0, 1, 0, 1, 0, 1]))
+    argv = ["score", str(acts_path), "--images", str(tmp_path / "images"), "--model", tiny_model,
+            "--out", str(tmp_path / "s.csv"), "--no-progress", "--save-emb"]
+    if target == "acts":
+        argv.append(str(acts_path))
+    else:  # the sidecar of emb.npy is emb.labels.npy, the --labels input
+        argv += [str(tmp_path / "emb.npy"), "--labels", str(tmp_path / "emb.labels.npy")]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.npy")}
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("monoloss-kernels score: error: --save-emb ") and "would overwrite" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.npy")} == before
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_images_with_a_model_that_cannot_be_created_exit_2(tiny_model, tmp_path, capsys):
     from .test_embeddings import write_images
 
