@@ -110,9 +110,9 @@ def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum
                       acts_grad: bool, emb_grad: bool, acts_grad_kernel: str = "cpp"):
     """(∂L/∂acts, ∂L/∂emb) -- each None unless asked for -- given the gradients of the
     statistics of dense `acts` taken at `shift` (any grad may be None). grad_range[0, k]
-    is shared by the entries equal to latent k's minimum, act_range[0, k] (the kernels
-    read it from act_range, the torch formula recomputes it: the same value); likewise
-    the maximum. `acts_grad_kernel`: "cpp", "triton" or "torch" (see above)."""
+    is shared by the entries equal to latent k's minimum, act_range[0, k], compared in
+    float32 as the statistics saw them (by the kernels and the torch formula alike);
+    likewise the maximum. `acts_grad_kernel`: "cpp", "triton" or "torch" (see above)."""
     num_latents, dim = acts.shape[1], emb.shape[1]
     kernel = _acts_grad_op(acts_grad_kernel, acts.device, sparse=False) if acts_grad else None
     if (acts_grad and kernel is None) or emb_grad:  # what the torch formulas read
@@ -134,8 +134,11 @@ def dense_stats_grads(acts, emb, shift, act_range, grad_cross, grad_unit_emb_sum
             zero_rows = (inv_norm == 0)[:, None]
             grad += zero_rows * (g[2] + 2 * b * g[3])
         if grad_range is not None:
-            for extreme, g in zip((acts.amin(0), acts.amax(0)), grad_range.float()):  # exact in acts' dtype
-                is_extreme = acts == extreme
+            # Ties as the kernels count them: acts rounded to float32 against the float32
+            # act_range (float64 entries 1e-12 apart are one tie there, as in the statistics).
+            acts32 = acts.float()
+            for extreme, g in zip(act_range.float(), grad_range.float()):
+                is_extreme = acts32 == extreme
                 grad += _tie_share(is_extreme, g, is_extreme.sum(0))
         grad_acts = grad.to(acts.dtype)
     if emb_grad:
@@ -182,13 +185,10 @@ def csr_stats_grads(crow_indices, cols, values, emb, num_latents, shift, act_ran
         if grad_range is not None:
             stored = torch.zeros(num_latents, device=emb.device, dtype=b.dtype).index_add_(0, cols, torch.ones_like(b))
             implicit_zeros = num_rows - stored
-            for reduce, g in zip(("amin", "amax"), grad_range.float()):  # exact in values' dtype
-                fill = float("inf") if reduce == "amin" else float("-inf")
-                extreme = torch.full((num_latents,), fill, device=emb.device, dtype=values.dtype)
-                extreme = extreme.scatter_reduce(0, cols, values, reduce)
-                bound = torch.minimum if reduce == "amin" else torch.maximum
-                extreme = torch.where(implicit_zeros > 0, bound(extreme, torch.zeros_like(extreme)), extreme)
-                is_extreme = values == extreme[cols]
+            # act_range covers the implicit zeros; ties counted in float32, as the kernels do.
+            values32 = values.float()
+            for extreme, g in zip(act_range.float(), grad_range.float()):
+                is_extreme = values32 == extreme[cols]
                 num_ties = torch.zeros_like(stored).index_add_(0, cols, is_extreme.to(stored.dtype))
                 num_ties += torch.where(extreme == 0, implicit_zeros, 0)
                 grad += _tie_share(is_extreme, g[cols], num_ties[cols])
