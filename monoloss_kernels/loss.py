@@ -34,7 +34,11 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
             every rank gets the loss of the global batch (min and max over all ranks)
             and the gradient of that loss for its own samples -- equal to one process
             computing the loss of the concatenated batch. Collective: every rank must
-            call it, with the same num_latents and d.
+            call it, with the same num_latents and d. Under DistributedDataParallel,
+            which averages the parameter gradients over ranks, that gradient is divided
+            by world_size: write `coef * world_size * monoloss(...)` to train as one
+            process with `coef` would (the full gradient is the sum over ranks; DDP
+            averages), as for `dataset_monoloss_backward`'s scale.
         group: a torch.distributed ProcessGroup, only with `distributed=True` (a group
             without it raises ValueError rather than silently giving each rank its
             local loss).
