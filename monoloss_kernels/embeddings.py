@@ -7,8 +7,9 @@
 
 `images` is a folder or a torch Dataset. A folder with class subfolders
 (`images/<class>/<file>`) is read as torchvision's ImageFolder reads it: labels are the
-class indices, classes in sorted order; hidden entries (.ipynb_checkpoints, .DS_Store)
-are skipped, where ImageFolder would take a hidden folder for a class. A folder of
+class indices, classes in sorted order; hidden entries (.ipynb_checkpoints, .DS_Store,
+`._a.png`) are skipped at every depth, where ImageFolder would take a hidden folder for a
+class and a hidden image inside a class folder for a sample. A folder of
 image files alone gives no labels; its files are taken in sorted name order.
 `list_images(folder)` returns the files in the order of the rows.
 
@@ -141,9 +142,16 @@ def list_images(folder: str | os.PathLike) -> ImageList:
         # ImageFolder's listing with the visible class folders only (it would take a hidden
         # one, such as .ipynb_checkpoints, for class 0 and shift every label).
         classes = sorted(entry.name for entry in class_dirs)
+
+        def is_visible_image(path: str) -> bool:
+            # make_dataset walks each class folder whole: without this it takes macOS's
+            # `._a.png` resource forks and `.ipynb_checkpoints/*-checkpoint.png` as samples.
+            parts = Path(path).relative_to(folder).parts
+            return not any(part.startswith(".") for part in parts) and Path(path).suffix.lower() in IMG_EXTENSIONS
+
         # Raises, naming the class, for a class folder without images.
         samples = make_dataset(str(folder), {name: index for index, name in enumerate(classes)},
-                               extensions=IMG_EXTENSIONS)
+                               is_valid_file=is_visible_image)
         return ImageList([Path(path) for path, _ in samples], [label for _, label in samples], classes)
     if not files:
         raise ValueError(f"image folder {folder} has no image files ({', '.join(IMG_EXTENSIONS)})")

@@ -121,6 +121,21 @@ def test_hidden_folders_are_not_classes(class_folder):
         list_images(class_folder)
 
 
+def test_hidden_entries_inside_class_folders_are_not_samples(class_folder):
+    """Hidden files and folders inside a class folder (a macOS `._` resource fork, Jupyter's
+    checkpoints) are no samples; a class folder holding only hidden images has no images."""
+    visible = list_images(class_folder)
+    (class_folder / "cat" / "._cat0.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    write_images(class_folder / "dog" / ".ipynb_checkpoints", ["dog0-checkpoint.png"], np.random.default_rng(4))
+    write_images(class_folder / "eel" / "deeper", ["eel9.png"], np.random.default_rng(5))  # visible: a sample
+    listing = list_images(class_folder)
+    assert listing.paths == visible.paths + [class_folder / "eel" / "deeper" / "eel9.png"]
+    assert listing.labels == visible.labels + [2]
+    write_images(class_folder / "fox" / ".hidden", ["fox0.png"], np.random.default_rng(6))
+    with pytest.raises(FileNotFoundError, match="Found no valid file for the classes fox"):
+        list_images(class_folder)
+
+
 def test_batch_size_does_not_matter(tiny_clip, flat_folder):
     model, preprocess = tiny_clip
     one = embed_images(flat_folder, model=model, preprocess=preprocess, batch_size=1, progress=False).embeddings
