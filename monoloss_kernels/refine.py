@@ -172,20 +172,28 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Te
     weight = (values.float().double() - lo[local]) / span[local]  # (E,) ã of each entry
     num_entries = local.shape[0]
     count = count.double()
-    # ã of a row without an entry (an activation of 0). A latent with such rows has
-    # min <= 0 <= max, so |ã - ã_implicit| <= 1 below; one without them gets 0, not
-    # -min/range, which for a latent at 1000 + x would cancel.
-    implicit = torch.where(count < num_rows, -lo / span, 0.0)  # (F,)
 
-    # n*: the first entry at the latent's max (ã = 1 exactly). Where the max is an
-    # implicit 0, no entry is taken out (then several rows have ã = 1, or one row
-    # without an entry and all else near the min: well conditioned in float64).
+    # n*, a row at the max (ã = 1 exactly), taken out of the sums: the first entry
+    # there; where the max is an implicit 0, the one row without an entry if there is
+    # only one (its index from the sum of the entries' rows, a latent having at most
+    # one entry per row). Several rows without an entry at the max need no n*: they
+    # put at least 2 into the denominator, which is then well conditioned in float64.
     entry_ids = torch.arange(num_entries, device=device)
     at_max = weight == 1.0
     top = torch.full((num_latents,), num_entries, device=device, dtype=torch.int64)
     top.scatter_reduce_(0, local[at_max], entry_ids[at_max], "amin")
-    deflated = top < num_entries  # (F,)
-    kept = torch.ones(num_entries, **f64).index_fill_(0, top[deflated], 0.0)  # 0 for n*
+    deflated = top < num_entries  # (F,) n* is an entry
+    implicit_top = ~deflated & (count == num_rows - 1) & (hi == 0)  # (F,) n* is the row without an entry
+    missing_row = num_rows * (num_rows - 1) // 2 - torch.zeros(num_latents, device=device, dtype=torch.int64) \
+        .index_add_(0, local, rows)
+    top_row = torch.where(deflated, rows[top.clamp(max=num_entries - 1)], missing_row.clamp(0, num_rows - 1))
+    t = (deflated | implicit_top).double()  # ã* = 1 where n* was taken out, else 0
+    kept = torch.ones(num_entries, **f64).index_fill_(0, top[deflated], 0.0)  # 0 for an n* entry
+    # ã of a row without an entry (an activation of 0). A latent with such rows has
+    # min <= 0 <= max, so |ã - ã_implicit| <= 1 below; one without them (or whose only
+    # one is n*) gets 0, not -min/range, which for a latent at 1000 + x would cancel.
+    implicit = torch.where((count < num_rows) & ~implicit_top, -lo / span, 0.0)  # (F,)
+    num_implicit = torch.where(implicit_top, 0.0, num_rows - count)  # rows without an entry, n* not counted
     is_unit = torch.zeros(num_entries, **f64)  # ‖ê‖² of each entry's row: 1, or 0 for a zero row
 
     # V = Σ_{n≠n*} ã ê: every row other than n* at ã_implicit, plus the entries' excess
@@ -198,10 +206,8 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Te
         is_unit[e] = (inv_norm > 0).double()
         lat = local[e]
         rest.index_add_(0, lat, x.mul_(((weight[e] - implicit[lat]) * kept[e] * inv_norm)[:, None]))
-    top_rows = rows[top[deflated]]
-    top_unit = torch.zeros(num_latents, dim, **f64)
-    top_x = emb[top_rows].double()
-    top_unit[deflated] = top_x * _inverse_norms(top_x)[:, None]
+    top_x = emb[top_row].double()
+    top_unit = top_x * (_inverse_norms(top_x) * t)[:, None]  # (F, d) ê*, 0 where no n*
     top_is_unit = (top_unit != 0).any(1).double()
     rest.addr_(implicit, unit_emb_sum).sub_(top_unit * implicit[:, None])
 
@@ -209,12 +215,11 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Te
     w, k = weight * kept, kept * is_unit
     sum_w, sum_w2, sum_w2_unit, entry_units = torch.zeros(4, num_latents, **f64).index_add_(
         1, local, torch.stack([w, w * weight, w * weight * is_unit, k]))
-    num_implicit = num_rows - count
     implicit_units = num_unit_rows - entry_units - top_is_unit  # nonzero-norm rows without an entry
-    t = deflated.double()  # ã* = 1 where n* was taken out, else 0
     sum_rest = sum_w + implicit * num_implicit  # S1' = Σ_{n≠n*} ã
     sumsq_rest = sum_w2 + implicit * implicit * num_implicit
     sumsq_unit_rest = sum_w2_unit + implicit * implicit * implicit_units
     numerator = t * torch.linalg.vecdot(top_unit, rest) + 0.5 * (torch.linalg.vecdot(rest, rest) - sumsq_unit_rest)
     denominator = t * sum_rest + 0.5 * (sum_rest * sum_rest - sumsq_rest)
-    return numerator / denominator
+    # 0 exactly where fewer than two rows sit above the min (then so is the numerator).
+    return torch.where(denominator > 0, numerator / denominator, float("nan"))

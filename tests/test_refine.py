@@ -119,6 +119,32 @@ def test_deflated_scores_kernel_equals_torch_and_ignores_entry_order():
                           (*entries_of(acts[:, expected.isfinite()]), emb))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_deflated_scores_max_at_the_one_row_without_an_entry(implementation):
+    """Latents whose max is an implicit 0 in a single row, every other row holding an
+    entry near the min: that row is n*. Taken out as an entry is (from the sum of the
+    entries' rows), nothing cancels; formed as ΣÊ minus the N - 1 entries' rows, V lost
+    ~N·eps64 against a rest mass of 1e-7 (error 2e-5 at N = 2000). A latent with
+    only that row above its min is undefined: NaN, where the kernel divided 0 by 0."""
+    n, d = 2003, 11
+    gen = torch.Generator().manual_seed(seed_of("deflated implicit max"))
+    acts = torch.full((n, 4), -1.0, dtype=torch.float64)
+    acts[:, 1] += 2**-24 * torch.randint(0, 3, (n,), generator=gen)  # float32 ulps: the mass at the min
+    acts[n // 3, 2] = -1.0 + 2**-23  # one float32 ulp above the min
+    acts[:, 3] = -1.0 + 1e-3 * torch.rand(n, generator=gen, dtype=torch.float64)
+    for latent, row in enumerate([5, n - 1, 0, n // 2]):
+        acts[row, latent] = 0.0  # the max, not stored
+    acts = acts.float()
+    emb = make_emb("zero_dup", n, d, gen).float()
+    emb[n // 2] = 0.0  # latent 3's n* on a zero-norm row
+    rows, local, values, act_range = entries_of(acts)
+    assert rows.numel() == 4 * (n - 1)
+    scores = IMPLEMENTATIONS[implementation](rows, local, values, act_range, emb)
+    expected = pairwise_monoscore(acts.double(), emb.double())
+    assert expected[0].isnan() and expected[1:].isfinite().all()
+    torch.testing.assert_close(scores, expected, atol=ATOL_F64, rtol=0, equal_nan=True)
+
+
 def test_deflated_scores_without_entries():
     emb = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
     none = torch.empty(0, dtype=torch.int64)

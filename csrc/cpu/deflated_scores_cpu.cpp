@@ -3,8 +3,8 @@
 // MonoScores of the latents the one-pass closed form cannot resolve in float32,
 // each from its stored entries with its top sample n* taken out of the sums.
 // refine.py's module docstring derives the formula; with ã_0 the weight of the
-// rows without an entry (-min/range where there are such rows, else 0) and ê the
-// unit embedding rows:
+// rows without an entry (-min/range where there are such rows other than n*,
+// else 0) and ê the unit embedding rows:
 //   V  = Σ_{entries ≠ n*} (ã - ã_0) ê + ã_0 (ΣÊ - ê*)
 //   numerator   = ê*·V + ½(‖V‖² - Σ_{n≠n*} ã²‖ê‖²)
 //   denominator = S1' + ½(S1'² - Σ_{n≠n*} ã²),   S1' = Σ_{n≠n*} ã.
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -206,19 +207,29 @@ at::Tensor deflated_scores_cpu(const at::Tensor& rows, const at::Tensor& local, 
         const int64_t* entries = order.data() + start[f];
         const int64_t count = start[f + 1] - start[f];
         const auto weight = [&](int64_t e) { return (static_cast<double>(vals[e]) - lo[f]) / span; };
-        // ã_0, the weight of a row without an entry (activation 0). A latent with such
-        // rows has min <= 0 <= max, so |ã - ã_0| <= 1; one without them gets 0, not
-        // -min/range, which for a latent at 1000 + x would cancel.
-        const double implicit = count < N ? -lo[f] / span : 0.0;
-        // n*: the first entry at the max (ã = 1 exactly). Where the max is an implicit
-        // 0, none is taken out (well conditioned in float64, refine.py).
+        // n*, a row at the max (ã = 1 exactly): the first entry there; where the max is
+        // an implicit 0, the one row without an entry if there is only one (several put
+        // at least 2 into the denominator: well conditioned in float64, refine.py).
         int64_t top = -1;
         for (int64_t i = 0; i < count && top < 0; ++i) {
           if (weight(entries[i]) == 1.0) top = i;
         }
+        const bool implicit_top = top < 0 && count == N - 1 && hi[f] == 0;
+        // ã_0, the weight of a row without an entry (activation 0). A latent with such
+        // rows has min <= 0 <= max, so |ã - ã_0| <= 1; one without them (or whose only
+        // one is n*) gets 0, not -min/range, which for a latent at 1000 + x would cancel.
+        const double implicit = count < N && !implicit_top ? -lo[f] / span : 0.0;
         std::fill(rest.begin(), rest.end(), 0.0);
         std::fill(top_unit.begin(), top_unit.end(), 0.0);
         double sum_w = 0, sum_w2 = 0, sum_w2_unit = 0, entry_units = 0, top_is_unit = 0;
+        if (implicit_top) {  // its row: the one missing from the entries' rows 0..N-1
+          int64_t missing_row = N * (N - 1) / 2;
+          for (int64_t i = 0; i < count; ++i) missing_row -= row_of[entries[i]];
+          const scalar_t* row = x + missing_row * d;
+          const double inv = inverse_norm(row_sq_norm(row, d));
+          add_scaled_row(row, d, inv, top_unit.data());
+          top_is_unit = inv > 0;
+        }
         for (int64_t i = 0; i < count; ++i) {
           const int64_t e = entries[i];
           const scalar_t* row = x + row_of[e] * d;
@@ -241,16 +252,17 @@ at::Tensor deflated_scores_cpu(const at::Tensor& rows, const at::Tensor& local, 
         if (implicit != 0) {  // every row other than n* at ã_0: ã_0 (ΣÊ - ê*)
           for (int64_t i = 0; i < d; ++i) rest[i] += implicit * (sum_unit[i] - top_unit[i]);
         }
-        const double num_implicit = static_cast<double>(N - count);
+        const double num_implicit = static_cast<double>(implicit_top ? 0 : N - count);  // n* not counted
         const double implicit_units = num_unit_rows - entry_units - top_is_unit;  // nonzero-norm rows without an entry
-        const double t = top >= 0 ? 1.0 : 0.0;  // ã* = 1 where n* was taken out, else 0
+        const double t = top >= 0 || implicit_top ? 1.0 : 0.0;  // ã* = 1 where n* was taken out, else 0
         const double sum_rest = sum_w + implicit * num_implicit;
         const double sumsq_rest = sum_w2 + implicit * implicit * num_implicit;
         const double sumsq_unit_rest = sum_w2_unit + implicit * implicit * implicit_units;
         const double numerator = t * dot(top_unit.data(), rest.data(), d) +
                                  0.5 * (dot(rest.data(), rest.data(), d) - sumsq_unit_rest);
         const double denominator = t * sum_rest + 0.5 * (sum_rest * sum_rest - sumsq_rest);
-        out[f] = numerator / denominator;
+        // 0 exactly where fewer than two rows sit above the min (then so is the numerator).
+        out[f] = denominator > 0 ? numerator / denominator : std::numeric_limits<double>::quiet_NaN();
       }
     });
   });
