@@ -145,12 +145,16 @@ IeeeFloat32Matmuls::~IeeeFloat32Matmuls() {
 }
 
 at::Tensor row_inv_norm(const at::Tensor& emb) {
-  const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
-  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kFloat);
-  // NaN (not 0) for rows with NaN/Inf values or a norm beyond float32, so that
-  // unit_emb_sum turns non-finite and the caller can refuse the input.
-  return at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm))
-      .masked_fill_(norm.isinf(), std::numeric_limits<float>::quiet_NaN());
+  // The norm in float64: a float32 row at 1e-30 or 1e20, whose squares under- or
+  // overflow float32, is an ordinary row.
+  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, at::kDouble);
+  const at::Tensor inv_norm = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).to(at::kFloat);
+  // NaN (not 0) for rows with NaN/Inf values or whose 1/norm is not a normal float32
+  // (no float32 unit row), so that unit_emb_sum turns non-finite and the caller can
+  // refuse the input.
+  const at::Tensor usable = (norm == 0) | (norm.isfinite() & (inv_norm >= std::numeric_limits<float>::min()) &
+                                           (inv_norm <= std::numeric_limits<float>::max()));
+  return inv_norm.masked_fill_(usable.logical_not(), std::numeric_limits<float>::quiet_NaN());
 }
 
 MonoScoreStats empty_stats(const at::Tensor& acts, const at::Tensor& emb) {

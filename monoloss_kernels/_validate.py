@@ -45,6 +45,9 @@ from torch import Tensor
 
 from .stats import CsrActs
 
+# Finite activations the float32 sums of the kernels hold without overflow, with room
+# for the shift to the min and the squares `finalize` forms after scaling by the range.
+FLOAT32_SUM_LIMIT = torch.finfo(torch.float32).max / 16
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # int64 and int32 first: what torch.topk and most libraries give; delphi caches uint16/uint32.
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16,
@@ -269,6 +272,9 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
                          f"{tuple(acts.shape)}, got {crow.shape[0]}")
     if int(crow[0]) != 0 or int(crow[-1]) != cols.shape[0] or bool((crow.diff() < 0).any()):
         raise ValueError(f"acts crow_indices must run from 0 to nnz={cols.shape[0]} without decreasing")
+    if acts.values().shape != cols.shape:
+        raise ValueError(f"acts values must hold one value per col_indices entry ({cols.shape[0]}), "
+                         f"got shape {tuple(acts.values().shape)}")
     _check_index_range("acts col_indices", cols, num_latents)
     return CsrActs(crow, cols.long(), acts.values(), num_latents)
 
@@ -365,16 +371,28 @@ def check_finite(acts: Tensor | CsrActs, emb: Tensor) -> None:
 def check_stats_finite(stats, emb: Tensor) -> None:
     """Refuses NaN/Inf inputs after the kernels, from the small statistics, so that
     acts is read once: its float64 moments are finite iff acts is (|b|² < 1e77 for
-    float32 b), and unit_emb_sum iff every emb row has a finite float32 norm."""
-    # Both flags in one read: on a GPU each read waits for the queued work.
-    acts_finite, emb_finite = torch.stack([torch.isfinite(stats.moments).all(),
-                                           torch.isfinite(stats.unit_emb_sum).all()]).tolist()
+    float32 b), and unit_emb_sum iff every emb row has a float32 unit row (`row_inv_norm`).
+    Also refuses finite acts too large for the kernels' float32 sums: a latent's range,
+    or the bound sqrt(N·Σb²) on its entries of Σ Ê b, above FLOAT32_SUM_LIMIT."""
+    act_min, act_max = stats.act_range.double()
+    act_span, sumsq = act_max - act_min, stats.moments[1]
+    # Non-finite values (an Inf in acts) are left to the NaN/Inf check below.
+    too_large = (torch.isfinite(act_span) & (act_span > FLOAT32_SUM_LIMIT)) | (
+        torch.isfinite(sumsq) & (torch.sqrt(stats.counts[0] * sumsq) > FLOAT32_SUM_LIMIT))
+    # The flags in one read: on a GPU each read waits for the queued work.
+    fits, acts_finite, emb_finite = torch.stack([~too_large.any(), torch.isfinite(stats.moments).all(),
+                                                 torch.isfinite(stats.unit_emb_sum).all()]).tolist()
+    if not fits:
+        raise ValueError(
+            f"acts has values too large for the float32 sums (a latent's range or sums above "
+            f"{FLOAT32_SUM_LIMIT:.1e}); rescale acts (MonoScore does not depend on a positive scale of a latent)"
+        )
     if not acts_finite:
         raise ValueError("acts contains NaN or Inf values")
     if not emb_finite:
         if not bool(torch.isfinite(emb).all()):
             raise ValueError("emb contains NaN or Inf values")
         raise ValueError(
-            "emb has rows whose norm overflows float32; rescale emb (cosine similarity "
-            "does not depend on the scale of a row)"
+            "emb has rows too large or too small to normalise in float32 (norm above ~8.5e37 "
+            "or below ~2.9e-39); rescale emb (cosine similarity does not depend on the scale of a row)"
         )

@@ -402,12 +402,16 @@ def _(a, b):
 
 
 def row_inv_norm(emb: Tensor) -> Tensor:
-    """1/‖emb[n]‖ as float32: 0 for zero rows, NaN where the norm is not finite in
-    float32 (NaN/Inf values or overflow), so that unit_emb_sum exposes bad rows."""
-    norm_dtype = torch.promote_types(emb.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(emb, dim=1, dtype=norm_dtype).float()
-    inv_norm = torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
-    return inv_norm.masked_fill(norm.isinf(), float("nan"))
+    """1/‖emb[n]‖ as float32: 0 for zero rows, NaN for rows with NaN/Inf values or whose
+    1/‖row‖ is not a normal float32 (‖row‖ above ~8.5e37 or below ~2.9e-39: no float32
+    unit row), so that unit_emb_sum exposes bad rows. The norm is taken in float64: a
+    float32 row at 1e-30 or 1e20, whose squares under- or overflow float32, is an
+    ordinary row."""
+    norm = torch.linalg.vector_norm(emb, dim=1, dtype=torch.float64)
+    inv_norm = torch.where(norm > 0, norm.reciprocal(), 0.0).float()
+    f32 = torch.finfo(torch.float32)
+    usable = (norm == 0) | (torch.isfinite(norm) & (inv_norm >= f32.tiny) & (inv_norm <= f32.max))
+    return inv_norm.masked_fill(~usable, float("nan"))
 
 
 def empty_stats_like(acts: Tensor, emb: Tensor, num_latents: int | None = None) -> MonoScoreStats:

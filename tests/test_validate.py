@@ -57,6 +57,56 @@ def test_non_finite_values_raise(backend_device, bad, where):
     torch.testing.assert_close(emb, emb0, equal_nan=True)
 
 
+@pytest.mark.parametrize("form", ["dense", "csr"])
+@pytest.mark.parametrize("scale", [1e-30, 1e20], ids=["tiny", "huge"])
+def test_emb_rows_of_any_float32_scale(backend_device, form, scale):
+    """Rows at 1e-30 or 1e20 are ordinary rows (the scores do not depend on a row's
+    scale), although their squares under- or overflow float32: the norms are taken in
+    float64. They used to count as zero rows (error 9e-2) or be refused as overflowing."""
+    backend, device = backend_device
+    acts, emb = good_inputs(device)
+    emb[::2] *= scale  # half the rows: the scale differs between rows, as it may
+    inputs = acts.to_sparse_csr() if form == "csr" else acts
+    expected = mk.reference.pairwise_monoscore(acts.double(), emb.double())
+    torch.testing.assert_close(mk.monoscore(inputs, emb, backend=backend).cpu().double(), expected.cpu(),
+                               atol=2e-5, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("emb_dtype, scale", [(torch.float32, 1e-42), (torch.float64, 1e-40), (torch.float64, 1e39)],
+                         ids=["f32_subnormal", "f64_tiny", "f64_huge"])
+def test_emb_rows_without_a_float32_unit_row_raise(backend_device, emb_dtype, scale):
+    """A row whose 1/norm is no normal float32 cannot be normalised by the kernels: refused
+    as such (it was "overflows float32" also for tiny rows)."""
+    backend, device = backend_device
+    acts, emb = good_inputs(device)
+    emb = emb.to(emb_dtype)
+    emb[4] *= scale
+    with pytest.raises(ValueError, match=r"emb has rows too large or too small to normalise in float32"):
+        mk.monoscore(acts, emb, backend=backend)
+
+
+@pytest.mark.parametrize("column, values", [(0, 1e38), (1, 3e38)], ids=["sums", "range"])
+def test_acts_too_large_for_float32_sums_raise(backend_device, column, values):
+    """Finite values whose range (±3e38) or sums (1e38 over 23 rows) overflow the
+    kernels' float32: a clear error, not a silent NaN score or "NaN or Inf" for finite input."""
+    backend, device = backend_device
+    acts, emb = good_inputs(device)
+    acts[:, column] = values * torch.linspace(-1 if column else 0.5, 1, acts.shape[0], device=device)
+    for loss in (mk.monoscore, mk.monoloss):
+        with pytest.raises(ValueError, match=r"acts has values too large for the float32 sums"):
+            loss(acts, emb, backend=backend)
+
+
+def test_csr_values_of_the_wrong_length_raise(backend_device):
+    """torch does not check that a CSR tensor holds one value per column index."""
+    backend, device = backend_device
+    acts, emb = good_inputs(device)
+    csr = acts.to_sparse_csr()
+    bad = torch.sparse_csr_tensor(csr.crow_indices(), csr.col_indices(), csr.values()[:-1], csr.shape)
+    with pytest.raises(ValueError, match=r"acts values must hold one value per col_indices entry"):
+        mk.monoscore(bad, emb, backend=backend)
+
+
 @pytest.mark.parametrize("form", ["dense", "topk"])
 @pytest.mark.parametrize("where", ["acts", "emb"])
 def test_non_finite_single_row_raises(backend_device, form, where):
