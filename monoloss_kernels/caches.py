@@ -706,8 +706,11 @@ def _to_device(acts, device: torch.device):
     return acts.to(device)
 
 
-def _num_classes(labels: RowArray, batch_rows: int) -> int:
-    """1 + the largest label, read a chunk at a time; negative labels are refused."""
+def _num_classes(labels: RowArray, batch_rows: int, num_latents: int) -> int:
+    """1 + the largest label, read a chunk at a time; negative labels, and IDs in place of
+    class indices (`purity.check_class_indices`), are refused."""
+    from .purity import check_class_indices
+
     largest = -1
     for start in range(0, labels.num_rows, batch_rows):
         chunk = labels.read(start, min(start + batch_rows, labels.num_rows))
@@ -716,6 +719,20 @@ def _num_classes(labels: RowArray, batch_rows: int) -> int:
             if lo < 0:
                 raise CacheFileError(f"{labels.path}: labels must be >= 0, found {lo}")
             largest = max(largest, hi)
+
+    def count_distinct(limit: int) -> int:  # a second pass, only for labels that would need huge sums
+        distinct = torch.empty(0, dtype=torch.int64)
+        for start in range(0, labels.num_rows, batch_rows):
+            chunk = labels.read(start, min(start + batch_rows, labels.num_rows)).long()
+            distinct = torch.unique(torch.cat([distinct, chunk]))
+            if distinct.numel() >= limit:
+                break
+        return distinct.numel()
+
+    try:
+        check_class_indices(largest + 1, num_latents, count_distinct, labels.path)
+    except ValueError as err:
+        raise CacheFileError(str(err)) from err
     return largest + 1
 
 
@@ -739,7 +756,10 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
         progress: a progress bar on stderr (None: when stderr is a terminal; needs tqdm).
         labels: (N,) integer class labels (file or tensor) for class purity
             (`monoloss_kernels.purity.ClassPurityAccumulator`), computed in the same pass.
-        num_classes: the number of classes (default: 1 + the largest label).
+        num_classes: the number of classes (default: 1 + the largest label). Labels must be
+            class indices 0..C-1: by default, labels that leave most of 0..C-1 unused while
+            the (C, M) purity sums would exceed 1 GiB (sample or class IDs) are refused with
+            `CacheFileError`; map them to 0..C-1 first.
         key, emb_key: the tensor to read from a `.safetensors` file holding several.
         seq_len: delphi caches only (see `open_delphi`).
 
@@ -773,7 +793,7 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
                 f"{acts.num_rows}"
             )
         if num_classes is None:
-            num_classes = _num_classes(label_rows, max(batch_rows, 1 << 16))
+            num_classes = _num_classes(label_rows, max(batch_rows, 1 << 16), acts.num_latents)
     acc = MonoScoreAccumulator(acts.num_latents, emb.shape[1], device=device, backend=backend)
     if label_rows is not None:
         from .purity import ClassPurityAccumulator

@@ -43,6 +43,31 @@ LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # Dense batches are added in row chunks of at most this many elements, so that the
 # float64/int64 temporaries stay ~32 MiB whatever the batch size.
 DENSE_CHUNK_ELEMENTS = 1 << 22
+# Labels that would need (C, M) sums (int64 counts + float64 weights, 16 bytes an entry)
+# larger than this while using fewer than half of 0..C-1 are taken for sample or class IDs
+# rather than class indices, and refused before anything is allocated. Below it, ID-like
+# labels cost little and purity, which depends only on which samples share a label, is right.
+ID_LABELS_MAX_BYTES = 1 << 30
+
+
+def check_class_indices(num_classes: int, num_latents: int, count_distinct, source: str) -> None:
+    """Refuses labels that are IDs, not class indices 0..C-1 (see ID_LABELS_MAX_BYTES).
+
+    count_distinct(limit) returns the number of distinct labels, or any number >= limit
+    once that many are found (so a stream of labels can stop early). Raises ValueError
+    naming `source`."""
+    sums_bytes = 16 * num_classes * num_latents
+    if sums_bytes <= ID_LABELS_MAX_BYTES:
+        return
+    limit = (num_classes + 1) // 2
+    distinct = count_distinct(limit)
+    if distinct >= limit:
+        return
+    raise ValueError(
+        f"{source}: labels must be class indices 0..C-1; the largest is {num_classes - 1} but only {distinct} "
+        f"distinct values occur, and per-class sums for {num_classes} classes would take {sums_bytes / 2**30:.3g} "
+        f"GiB; map them to 0..{distinct - 1} first (np.unique(labels, return_inverse=True)[1])"
+    )
 
 
 def class_purity(acts, labels: Tensor, *, num_classes: int | None = None, num_latents: int | None = None,
@@ -54,7 +79,9 @@ def class_purity(acts, labels: Tensor, *, num_classes: int | None = None, num_la
             (values, indices) pair `torch.topk` returns (with num_latents=M), a 2-D torch
             sparse COO or CSR tensor. float32, float16, bfloat16 or float64.
         labels: (N,) integer class labels in [0, num_classes), on the device of acts.
-        num_classes: C; defaults to labels.max() + 1.
+        num_classes: C; defaults to labels.max() + 1. Then labels that leave most of
+            0..C-1 unused while the (C, M) sums would exceed 1 GiB are refused as IDs
+            rather than class indices (ValueError): map them to 0..C-1 first.
         num_latents: M; required with a (values, indices) pair.
         weighted: False for binary purity (counts), True for weighted purity (activation mass).
     """
@@ -67,6 +94,7 @@ def class_purity(acts, labels: Tensor, *, num_classes: int | None = None, num_la
     _check_labels(labels, device)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 0
+        check_class_indices(num_classes, num_latents, lambda limit: torch.unique(labels).numel(), "labels")
     accumulator = ClassPurityAccumulator(num_latents, num_classes, device=device)
     accumulator.update(acts, labels)
     return accumulator.compute(weighted=weighted)

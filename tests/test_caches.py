@@ -251,6 +251,37 @@ def test_labels_give_class_purity(tmp_path):
                                atol=PURITY_TOL, rtol=0, equal_nan=True)
 
 
+def test_label_ids_instead_of_class_indices(tmp_path, monkeypatch):
+    """Labels that are IDs (1 + the largest would be the number of classes) are refused
+    before (C, M) sums of many GiB are allocated; small or dense label sets are scored."""
+    from monoloss_kernels import purity
+
+    acts, emb = make_data(seed=16)
+    np.save(tmp_path / "acts.npy", acts.numpy())
+    ids = np.random.default_rng(17).choice([1_000_000_000_003, 2_000_000_000_017, 3_000_000_000_001], N)
+    np.save(tmp_path / "ids.npy", ids)
+    with pytest.raises(CacheFileError, match=r"ids.npy: labels must be class indices 0..C-1; the largest is "
+                                             r"3000000000001 but only 3 distinct values occur"):
+        caches.score_activations(tmp_path / "acts.npy", emb, labels=tmp_path / "ids.npy", batch_rows=97,
+                                 progress=False)
+    # Below the memory limit, ID-like labels cost little and purity (which samples share a
+    # label) is right; above it, labels that use most of 0..C-1 are class indices.
+    sparse = np.where(ids == ids.min(), 3, 900).astype(np.int64)
+    np.save(tmp_path / "sparse.npy", sparse)
+    result = caches.score_activations(tmp_path / "acts.npy", emb, labels=tmp_path / "sparse.npy", progress=False)
+    assert result.num_classes == 901
+    torch.testing.assert_close(result.purity, class_purity(acts, torch.from_numpy(sparse // 900)), atol=0, rtol=0,
+                               equal_nan=True)
+    monkeypatch.setattr(purity, "ID_LABELS_MAX_BYTES", 0)
+    dense_labels = np.arange(N) % 6
+    np.save(tmp_path / "dense.npy", dense_labels)
+    result = caches.score_activations(tmp_path / "acts.npy", emb, labels=tmp_path / "dense.npy", batch_rows=97,
+                                      progress=False)
+    assert result.num_classes == 6
+    with pytest.raises(CacheFileError, match="sparse.npy: labels must be class indices"):
+        caches.score_activations(tmp_path / "acts.npy", emb, labels=tmp_path / "sparse.npy", progress=False)
+
+
 @pytest.mark.parametrize("label_dtype", [np.uint16, np.uint32, np.uint64])
 def test_unsigned_labels(tmp_path, label_dtype):
     """Unsigned label files, which torch reads but cannot take the min or max of."""

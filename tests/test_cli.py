@@ -238,6 +238,17 @@ def test_main_errors(dense_files, capsys):
     assert cli.main(["--help"]) == 0
 
 
+def test_label_ids_exit_2_with_one_line(dense_files, capsys):
+    tmp_path, acts, emb = dense_files
+    ids = np.random.default_rng(41).choice([1_000_000_000_003, 2_000_000_000_017, 3_000_000_000_001], N)
+    np.save(tmp_path / "ids.npy", ids)
+    assert cli.main(["score", str(tmp_path / "acts.npy"), "--emb", str(tmp_path / "emb.npy"), "--labels",
+                     str(tmp_path / "ids.npy"), "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("monoloss-kernels score: error: ") and "labels must be class indices 0..C-1" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_out_refused_before_scoring(dense_files, capsys, monkeypatch):
     """An --out that cannot be written is refused before the streaming pass, not after it."""
     tmp_path, acts, emb = dense_files

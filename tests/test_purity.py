@@ -270,6 +270,23 @@ def test_num_classes_defaults_to_max_label_plus_one():
                                atol=ATOL["binary"], equal_nan=True)
 
 
+def test_label_ids_refused_without_num_classes(monkeypatch):
+    # IDs in place of class indices would make num_classes = 1 + the largest ID and
+    # allocate (C, M) sums of that size.
+    acts, labels = make_case("relu", 40, 6, 3, torch.Generator().manual_seed(5))
+    ids = torch.tensor([1_000_000_000_003, 2_000_000_000_017, 3_000_000_000_001])[labels]
+    with pytest.raises(ValueError, match=r"labels: labels must be class indices 0..C-1; the largest is "
+                                         r"3000000000001 but only 3 distinct values occur"):
+        class_purity(acts, ids)
+    from monoloss_kernels import purity
+
+    monkeypatch.setattr(purity, "ID_LABELS_MAX_BYTES", 0)  # every label set is "large": dense ones pass
+    torch.testing.assert_close(class_purity(acts, labels), class_purity(acts, labels, num_classes=3),
+                               rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="labels must be class indices"):
+        class_purity(acts, labels * 10)
+
+
 @pytest.mark.parametrize(
     "labels, error, match",
     [
