@@ -454,7 +454,7 @@ class DelphiCache(ActivationCache):
         if seq_len is None:
             raise CacheFileError(
                 f"{self.path}: cannot tell the sequence length (no 'tokens' in the files, no config.json with "
-                f"ctx_len next to them); pass seq_len= (--seq-len)"
+                f"cache_ctx_len or ctx_len next to them); pass seq_len= (--seq-len)"
             )
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise TypeError(f"seq_len must be a positive int, got {seq_len!r}")
@@ -511,14 +511,17 @@ class DelphiCache(ActivationCache):
 
 
 def _delphi_config_ctx_len(file_path: str) -> int | None:
+    """The sequence length in the config.json delphi saves next to a hookpoint's files:
+    `cache_ctx_len` (CacheConfig's field in current delphi), else `ctx_len` (older delphi)."""
     config = Path(file_path).parent / "config.json"
     if not config.is_file():
         return None
     try:
-        value = json.loads(config.read_text()).get("ctx_len")
+        fields = json.loads(config.read_text())
+        value = fields.get("cache_ctx_len", fields.get("ctx_len"))
     except (json.JSONDecodeError, OSError, AttributeError) as err:
         raise CacheFileError(f"{config}: not a readable JSON config ({err})") from err
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _check_width(path: str, width: int, num_latents: int | None) -> None:
@@ -590,7 +593,7 @@ def open_delphi(source, *, seq_len: int | None = None, num_rows: int | None = No
     `{start}_{end}.safetensors` files, a glob or list of them, or one file holding
     `locations` and `activations` (named `{start}_{end}` with start 0, or with the
     full latent index in `locations` and num_latents given). seq_len defaults to the
-    `tokens` tensor's width, else config.json's ctx_len; num_rows to the tokens
+    `tokens` tensor's width, else config.json's cache_ctx_len (or ctx_len); num_rows to the tokens
     (batches × seq_len), else it must be given."""
     paths = _expand(source, pattern="*.safetensors")
     files = []

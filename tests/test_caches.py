@@ -205,16 +205,19 @@ def test_delphi_cache_equals_monoscore(tmp_path, loc_dtype, batch_rows):
     assert file_digests(tmp_path) == before
 
 
-@pytest.mark.parametrize("how", ["config_json", "seq_len_argument"])
+@pytest.mark.parametrize("how", ["config_json_cache_ctx_len", "config_json", "seq_len_argument"])
 def test_delphi_cache_without_tokens(tmp_path, how):
-    """Without tokens the sequence length comes from config.json (ctx_len) or seq_len=,
-    and the number of rows from the embeddings."""
+    """Without tokens the sequence length comes from config.json (cache_ctx_len, the field
+    of current delphi's CacheConfig; ctx_len in older ones) or seq_len=, and the number of
+    rows from the embeddings."""
     latents = make_delphi_latents(seed=6, batches=9, seq_len=11)
     batches, seq_len, m = latents.shape
     write_delphi(tmp_path / "cache", latents, [0, 20, m], tokens=False)
     emb = make_emb("plain", batches * seq_len, D, torch.Generator().manual_seed(7)).float()
-    if how == "config_json":
-        (tmp_path / "cache" / "config.json").write_text(json.dumps({"ctx_len": seq_len, "batch_size": 3}))
+    if how.startswith("config_json"):
+        field = "cache_ctx_len" if how.endswith("cache_ctx_len") else "ctx_len"
+        config = {field: seq_len, "batch_size": 3, "n_tokens": batches * seq_len, "n_splits": 2}
+        (tmp_path / "cache" / "config.json").write_text(json.dumps(config))
         result = caches.score_activations(tmp_path / "cache", emb, batch_rows=25, progress=False)
     else:
         result = caches.score_activations(tmp_path / "cache", emb, batch_rows=25, seq_len=seq_len, progress=False)
