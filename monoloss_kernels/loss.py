@@ -5,9 +5,13 @@ from torch import Tensor, nn
 
 from ._dispatch import check_backend, loss_stats_function, stats_function
 from ._validate import _check_num_latents, check_finite, check_stats_finite, validate_acts
-from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift
+from .refine import ill_conditioned_latents, refine_ill_conditioned
+from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
+# float64 elements of the (N, latents) columns recomputed at once in the refined latents'
+# backward: 128 MiB, with its few temporaries of the same size.
+REFINE_ELEMENTS_PER_BLOCK = 2**24
 
 
 def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | None = None,
@@ -25,9 +29,13 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         acts, emb, num_latents, backend: as for `monoscore` (dense, a TopK pair, COO, CSR, or an SAE
             library's output as it comes).
         reduction: "mean" (the loss, a scalar float32) or "none" (the (M,) MonoScores
-            themselves, NaN where undefined, with gradient where defined). Both come from
-            the one-pass form, which `monoscore` refines for latents that one sample
-            carries (monoloss_kernels/refine.py): there they can differ by g·eps32·κ.
+            themselves, NaN where undefined, with gradient where defined). As in
+            `monoscore`, latents that one sample carries (κ > refine.KAPPA_MAX,
+            monoloss_kernels/refine.py) get their float64 deflated scores instead of the
+            one-pass ones, and their gradient is that of a float64 recomputation of
+            them (op refine_loss_scores; its backward costs O(N·d) per such latent).
+            Not with `distributed=True`: the refinement needs every rank's rows, so
+            there those latents keep the one-pass form's error, about g·eps32·κ.
         differentiable_emb: also differentiate with respect to emb.
         distributed: each rank of torch.distributed `group` (None: the default group)
             passes its own part of the global batch; the statistics are all-reduced, so
@@ -66,7 +74,7 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     elif num_rows >= 2:
         stats, cross_sq_at_min = loss_stats_function(backend, emb.device, sparse, differentiable_emb)(acts, emb)
         check_stats_finite(stats, emb)
-        scores = finalize(stats, cross_sq_at_min)
+        scores = refine_loss(finalize(stats, cross_sq_at_min), acts, emb, stats)
     else:
         check_finite(acts, emb)
         scores = None
@@ -195,3 +203,211 @@ def _ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
     ties = torch.zeros_like(extreme).index_add_(0, cols, stored_ties)
     stored = torch.zeros_like(extreme).index_add_(0, cols, torch.ones_like(stored_ties))
     return ties + torch.where(extreme == 0, num_rows - stored, 0.0)
+
+
+# The one-pass closed form cancels for latents that one sample carries (refine.py): their
+# scores, and autograd's gradient of them, are off by up to g·eps32·κ (scores outside
+# [-1, 1], gradients 1e3 times too large). The loss replaces them as `monoscore` does, by
+# their float64 deflated scores, in an op whose backward differentiates a float64
+# recomputation of just those latents (`refined_scores_of_columns`); the one-pass scores
+# keep the gradient of every other latent.
+def _refine_stats(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor) -> MonoScoreStats:
+    """The statistics `ill_conditioned_latents` reads (it needs no cross or ΣÊ)."""
+    return MonoScoreStats(cross=None, unit_emb_sum=None, shift=shift, act_range=act_range, moments=moments,
+                          counts=counts)
+
+
+def _refined(scores: Tensor, acts, emb: Tensor, stats: MonoScoreStats) -> Tensor:
+    out = refine_ill_conditioned(scores, acts, emb, stats)
+    return out.clone() if out is scores else out  # an op's output must not alias its input
+
+
+@torch.library.custom_op("monoloss_kernels::refine_loss_scores", mutates_args=())
+def refine_loss_scores(scores: Tensor, acts: Tensor, emb: Tensor, moments: Tensor, act_range: Tensor,
+                       shift: Tensor, counts: Tensor) -> Tensor:
+    """(M,) `scores` (the one-pass scores of dense acts (N, M), emb (N, d), from the
+    statistics moments, act_range, shift, counts) with the ill-conditioned latents
+    (refine.ill_conditioned_latents) replaced by their float64 deflated scores, rounded
+    to scores' dtype. Its backward: the incoming gradient for the other latents goes to
+    `scores`; for the refined ones, to acts and emb through `refined_scores_of_columns`."""
+    return _refined(scores, acts, emb, _refine_stats(moments, act_range, shift, counts))
+
+
+@refine_loss_scores.register_fake
+def _(scores, acts, emb, moments, act_range, shift, counts):
+    return torch.empty_like(scores)
+
+
+@torch.library.custom_op("monoloss_kernels::refine_loss_scores_csr", mutates_args=())
+def refine_loss_scores_csr(scores: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, emb: Tensor,
+                           num_latents: int, moments: Tensor, act_range: Tensor, shift: Tensor,
+                           counts: Tensor) -> Tensor:
+    """`refine_loss_scores` for sparse acts in CSR form (`CsrActs`)."""
+    acts = CsrActs(crow_indices, col_indices, values, num_latents)
+    return _refined(scores, acts, emb, _refine_stats(moments, act_range, shift, counts))
+
+
+@refine_loss_scores_csr.register_fake
+def _(scores, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts):
+    return torch.empty_like(scores)
+
+
+def refined_scores_of_columns(columns: Tensor, unit: Tensor, unit_weight: Tensor) -> Tensor:
+    """(F,) float64 MonoScores of the F latents in the float64 columns (N, F), differentiable
+    in columns and unit (N, d) (the unit rows of emb; unit_weight (N,) 1 for a nonzero row,
+    0 for a zero one). ã from each column's amin and amax (ties share their gradient as in
+    torch.amin/amax), then refine.py's deflated identity with n* the argmax of each column:
+    exact for any n*, so its gradient is that of the definition, and nothing cancels at the
+    scale of n*. Every column must have max > min."""
+    num_rows, num_latents = columns.shape
+    lo, hi = columns.amin(0), columns.amax(0)
+    weight = (columns - lo) / (hi - lo)  # (N, F) ã
+    top = columns.detach().argmax(0)  # (F,) n*
+    latent = torch.arange(num_latents, device=columns.device)
+    top_weight = weight[top, latent]  # ã* (1, with its gradient)
+    kept = torch.ones_like(weight).index_put((top, latent), torch.zeros((), dtype=weight.dtype))
+    rest = weight * kept  # ã over n ≠ n*
+    rest_emb = rest.T @ unit  # (F, d) V = Σ_{n≠n*} ã ê
+    sum_rest, sumsq_rest = rest.sum(0), (rest * rest).sum(0)
+    sumsq_unit_rest = unit_weight @ (rest * rest)
+    numerator = top_weight * (unit[top] * rest_emb).sum(1) + 0.5 * ((rest_emb * rest_emb).sum(1) - sumsq_unit_rest)
+    denominator = top_weight * sum_rest + 0.5 * (sum_rest * sum_rest - sumsq_rest)
+    return numerator / denominator
+
+
+def _unit_rows64(emb: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 unit rows of emb (0 for a zero row), differentiable, and their ‖ê‖² (1 or 0)."""
+    x = emb.double()
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    nonzero = norm > 0
+    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0), nonzero[:, 0].double()
+
+
+def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreStats, num_rows: int, gather,
+                      emb_grad: bool):
+    """(∂L/∂scores, [(positions, ∂L/∂ those acts entries)], ∂L/∂emb). `gather(latents)` gives
+    (the latents' acts entries, a function making their float64 columns (N, F) of them,
+    the entries' positions in acts). torch.func.vjp, not autograd: an op's implementation
+    runs below the autograd dispatch key, where torch.enable_grad() records nothing."""
+    latents = ill_conditioned_latents(stats)
+    grad_scores = grad.index_fill(0, latents, 0.0)
+    grad_emb = torch.zeros_like(emb)
+    parts = []
+    # Latents whose refined score is NaN (fewer than two rows above the min) get no gradient.
+    latents = latents[torch.isfinite(out[latents]) & (grad[latents] != 0)]
+    if latents.numel() == 0:
+        return grad_scores, parts, grad_emb
+    step = max(1, REFINE_ELEMENTS_PER_BLOCK // max(1, num_rows))
+    unit = None if emb_grad else _unit_rows64(emb)
+    for f0 in range(0, latents.numel(), step):
+        block = latents[f0 : f0 + step]
+        entries, to_columns, positions = gather(block)
+        if emb_grad:
+            _, vjp = torch.func.vjp(lambda v, e: refined_scores_of_columns(to_columns(v), *_unit_rows64(e)),
+                                    entries, emb)
+            grad_entries, grad_emb_block = vjp(grad[block].double())
+            grad_emb += grad_emb_block
+        else:
+            _, vjp = torch.func.vjp(lambda v: refined_scores_of_columns(to_columns(v), *unit), entries)
+            (grad_entries,) = vjp(grad[block].double())
+        parts.append((positions, grad_entries))
+    return grad_scores, parts, grad_emb
+
+
+@torch.library.custom_op("monoloss_kernels::refine_loss_scores_backward", mutates_args=())
+def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Tensor, moments: Tensor,
+                                act_range: Tensor, shift: Tensor, counts: Tensor,
+                                emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of `refine_loss_scores`: (∂L/∂scores, ∂L/∂acts, ∂L/∂emb (zeros unless
+    emb_grad)), given ∂L/∂out and its output out."""
+    def columns_of(block):  # values as the kernels read them: float32
+        return acts[:, block], lambda columns: columns.float().double(), block
+
+    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
+                                                     acts.shape[0], columns_of, emb_grad)
+    grad_acts = torch.zeros_like(acts)
+    for block, grad_block in parts:
+        grad_acts[:, block] = grad_block
+    return grad_scores, grad_acts, grad_emb
+
+
+@refine_loss_scores_backward.register_fake
+def _(grad, out, acts, emb, moments, act_range, shift, counts, emb_grad):
+    return torch.empty_like(grad), torch.empty_like(acts), torch.empty_like(emb)
+
+
+@torch.library.custom_op("monoloss_kernels::refine_loss_scores_csr_backward", mutates_args=())
+def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Tensor, col_indices: Tensor,
+                                    values: Tensor, emb: Tensor, num_latents: int, moments: Tensor,
+                                    act_range: Tensor, shift: Tensor, counts: Tensor,
+                                    emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of `refine_loss_scores_csr`: (∂L/∂scores, ∂L/∂values, ∂L/∂emb). A
+    refined latent's column is densified (the rows without an entry hold 0), so that ties
+    with the implicit zeros share the min's or max's gradient as in the dense form, the
+    zeros' shares going nowhere, as in the statistics' backward."""
+    num_rows = crow_indices.shape[0] - 1
+    rows = entry_rows(crow_indices, col_indices.shape[0])
+
+    def columns_of(block):
+        local_of = torch.full((num_latents,), -1, device=block.device, dtype=torch.int64)
+        local_of[block] = torch.arange(block.numel(), device=block.device)
+        local = local_of[col_indices]
+        keep = (local >= 0).nonzero().squeeze(1)
+        zeros = torch.zeros(num_rows, block.numel(), device=values.device, dtype=torch.float64)
+        index = (rows[keep], local[keep])
+        return values[keep], lambda entries: zeros.index_put(index, entries.float().double()), keep
+
+    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
+                                                     num_rows, columns_of, emb_grad)
+    grad_values = torch.zeros_like(values)
+    for keep, grad_block in parts:
+        grad_values[keep] = grad_block
+    return grad_scores, grad_values, grad_emb
+
+
+@refine_loss_scores_csr_backward.register_fake
+def _(grad, out, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts, emb_grad):
+    return torch.empty_like(grad), torch.empty_like(values), torch.empty_like(emb)
+
+
+def _refine_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], output, *inputs[3:])
+
+
+def _refine_autograd(ctx, grad):
+    scores_in, acts, emb, out, moments, act_range, shift, counts = ctx.saved_tensors
+    emb_grad = ctx.needs_input_grad[2]
+    grad_scores, grad_acts, grad_emb = torch.ops.monoloss_kernels.refine_loss_scores_backward(
+        grad, out, acts, emb, moments, act_range, shift, counts, emb_grad)
+    return grad_scores, grad_acts, grad_emb if emb_grad else None, None, None, None, None
+
+
+def _refine_csr_setup_context(ctx, inputs, output):
+    scores, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts = inputs
+    ctx.num_latents = num_latents
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, output, moments, act_range, shift, counts)
+
+
+def _refine_csr_autograd(ctx, grad):
+    crow_indices, col_indices, values, emb, out, moments, act_range, shift, counts = ctx.saved_tensors
+    emb_grad = ctx.needs_input_grad[4]
+    grad_scores, grad_values, grad_emb = torch.ops.monoloss_kernels.refine_loss_scores_csr_backward(
+        grad, out, crow_indices, col_indices, values, emb, ctx.num_latents, moments, act_range, shift, counts,
+        emb_grad)
+    return grad_scores, None, None, grad_values, grad_emb if emb_grad else None, None, None, None, None, None
+
+
+torch.library.register_autograd("monoloss_kernels::refine_loss_scores", _refine_autograd,
+                                setup_context=_refine_setup_context)
+torch.library.register_autograd("monoloss_kernels::refine_loss_scores_csr", _refine_csr_autograd,
+                                setup_context=_refine_csr_setup_context)
+
+
+def refine_loss(scores: Tensor, acts, emb: Tensor, stats: MonoScoreStats) -> Tensor:
+    """`scores` = finalize(stats) of (acts, emb) with the ill-conditioned latents refined
+    (the ops above): differentiable in scores, acts (or its values) and emb."""
+    rest = (stats.moments.detach(), stats.act_range.detach(), stats.shift.detach(), stats.counts.detach())
+    if isinstance(acts, CsrActs):
+        return torch.ops.monoloss_kernels.refine_loss_scores_csr(
+            scores, acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents, *rest)
+    return torch.ops.monoloss_kernels.refine_loss_scores(scores, acts, emb, *rest)

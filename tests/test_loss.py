@@ -635,3 +635,93 @@ def test_finalize_scores_op_refuses_bad_shapes():
     with pytest.raises(RuntimeError, match=r"finalize_scores_backward: grad_scores must have shape \(9,\)"):
         torch.ops.monoloss_kernels.finalize_scores_backward(torch.ones(8), moments, act_range, shift, counts,
                                                             cross_sq, DEN_RTOL)
+
+
+@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_dominant_latents_loss_and_gradient(backend_device, form):
+    """Latents that one sample carries (κ to 1e7, refine.py): the loss replaces their
+    one-pass scores with the float64 deflated ones and differentiates a float64
+    recomputation of them, so the loss and gradient are within the float32 bounds of the
+    definition (the one-pass form gave scores outside [-1, 1], loss 0.36 off, gradients
+    5.7e9 against 1.4e7)."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(seed_of("dominant", form))
+    if form == "dense":
+        acts = make_acts("dominant", 64, 24, gen).float()
+        ref_acts = acts.double().requires_grad_()
+        ref_dense, inputs = ref_acts, None
+    else:
+        values, indices = make_topk("dominant", 97, 31, 6, gen)
+        acts = values.float()
+        ref_acts = acts.double().requires_grad_()
+        ref_dense = densify(ref_acts, indices, 31)
+    emb = make_emb("plain", acts.shape[0], 8, gen).float()
+    expected = reference_loss(ref_dense, emb)
+    expected.backward()
+    expected_scores = reference_scores(ref_dense.detach(), emb)
+
+    ours = acts.to(device).requires_grad_()
+    inputs = ours if form == "dense" else (ours, indices.to(device))
+    num_latents = None if form == "dense" else 31
+    scores = mk.monoloss(inputs, emb.to(device), num_latents=num_latents, backend=backend, reduction="none")
+    torch.testing.assert_close(scores.detach().cpu().double(), expected_scores, atol=2e-5, rtol=0, equal_nan=True)
+    loss = mk.monoloss(inputs, emb.to(device), num_latents=num_latents, backend=backend)
+    loss.backward()
+    assert abs(loss.item() - expected.item()) <= LOSS_ATOL
+    check_grad(ours.grad.cpu(), ref_acts.grad)
+
+
+def test_one_dominant_sample_emb_gradient():
+    """A latent at 1.0 in one row and below 1e-5 in five others (κ ~ 1e5): the emb
+    gradient too (differentiable_emb) is that of the definition."""
+    gen = torch.Generator().manual_seed(73)
+    acts = torch.zeros(256, 2)
+    acts[:, 1] = torch.relu(torch.randn(256, generator=gen))
+    acts[0, 0] = 1.0
+    acts[1:6, 0] = 1e-5 * torch.rand(5, generator=gen)
+    emb = torch.randn(256, 16, generator=gen)
+    ref_acts, ref_emb = acts.double().requires_grad_(), emb.double().requires_grad_()
+    reference_loss(ref_acts, ref_emb).backward()
+    ours_acts, ours_emb = acts.clone().requires_grad_(), emb.clone().requires_grad_()
+    mk.monoloss(ours_acts, ours_emb, differentiable_emb=True).backward()
+    check_grad(ours_acts.grad, ref_acts.grad)
+    check_grad(ours_emb.grad, ref_emb.grad)
+
+
+def _refine_op_inputs():
+    from monoloss_kernels._dispatch import stats_function
+
+    gen = torch.Generator().manual_seed(79)
+    # Latents 7 and 10, at 1000 + a rest below float32 resolution, are constant (NaN
+    # scores, which opcheck's comparisons would not take as equal): left out.
+    acts = make_acts("dominant", 40, 12, gen).float()[:, [0, 1, 2, 3, 4, 5, 6, 8, 9, 11]]
+    emb = make_emb("plain", 40, 6, gen).float()
+    stats = stats_function("torch", emb.device)(acts, emb)
+    rest = (stats.moments, stats.act_range, stats.shift, stats.counts)
+    return finalize(stats).detach(), acts, emb, rest
+
+
+def test_opcheck_refine_loss_scores():
+    scores, acts, emb, rest = _refine_op_inputs()
+    torch.library.opcheck(torch.ops.monoloss_kernels.refine_loss_scores.default,
+                          (scores.requires_grad_(), acts.requires_grad_(), emb, *rest))
+    csr = acts.to_sparse_csr()
+    args = (scores, csr.crow_indices(), csr.col_indices(), csr.values().requires_grad_(), emb, 10, *rest)
+    torch.library.opcheck(torch.ops.monoloss_kernels.refine_loss_scores_csr.default, args)
+
+
+def test_refine_loss_scores_compiles_fullgraph():
+    """The refinement is opaque to torch.compile (its data-dependent latent selection runs
+    inside the op and its backward op): one graph, the eager values and gradients."""
+    scores, acts, emb, rest = _refine_op_inputs()
+
+    def loss(s, a):
+        return torch.ops.monoloss_kernels.refine_loss_scores(s, a, emb, *rest).nansum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, backend="aot_eager")):
+        s, a = scores.clone().requires_grad_(), acts.clone().requires_grad_()
+        value = fn(s, a)
+        results.append((value, *torch.autograd.grad(value, (s, a))))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
