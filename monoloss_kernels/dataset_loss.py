@@ -114,8 +114,8 @@ def dataset_monoloss_backward(
             the same values both times: deterministic (dropout off), with the loader
             yielding the same samples (shuffling the order is fine; random
             augmentation is not). A mismatch that changes the number of rows, puts an
-            activation below pass 1's minimum or changes which samples attain a
-            latent's minimum raises RuntimeError; other changes (acts rescaled, other
+            activation below pass 1's minimum (for sparse acts, an implicit 0 too) or
+            changes which samples attain a latent's minimum raises RuntimeError; other changes (acts rescaled, other
             embeddings) are not detected and give wrong gradients.
         loader: an iterable of batches (a DataLoader), iterated twice.
         num_latents: M.
@@ -196,6 +196,11 @@ def dataset_monoloss_backward(
         # In float32, as global_min holds it (rounding keeps the order, so the column minimum may come first).
         if sparse:
             below = values.detach().float() < global_min[acts.col_indices]
+            # A latent stored in fewer than all rows has an implicit 0 in this batch: below a
+            # positive pass-1 minimum too (an entry that disappeared between the passes).
+            stored = torch.zeros(num_latents, dtype=torch.int64, device=values.device)
+            stored.index_add_(0, acts.col_indices, torch.ones_like(acts.col_indices))
+            below = torch.cat([below, (stored < num_rows) & (global_min > 0)])
         else:  # a column minimum reads acts faster than an elementwise comparison
             below = values.detach().amin(0).float() < global_min
         if bool(below.any()):

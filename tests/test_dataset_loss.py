@@ -168,6 +168,30 @@ def test_a_model_that_changes_between_passes_is_refused():
         mk.dataset_monoloss_backward(dropout_like, batches(x, emb, 25), num_latents=NUM_LATENTS)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
+def test_sparse_entry_that_disappears_in_pass_2_is_refused():
+    """A latent stored in every row of pass 1 (minimum > 0) that loses an entry in pass 2 has
+    an implicit 0 there, below pass 1's minimum: refused like a stored value below it, even
+    when the ties at the minima stay the same."""
+    gen = torch.Generator().manual_seed(47)
+    dense = torch.nn.Parameter(torch.rand(40, 4, generator=gen) + 1.0)  # every latent stored in every row
+    emb = make_emb("plain", 40, 4, gen).float()
+    calls = {"n": 0}
+
+    def model_fn(rows):
+        calls["n"] += 1
+        latents = dense[rows]
+        keep = torch.ones_like(latents, dtype=torch.bool)
+        if calls["n"] > 2:  # pass 2: row 5 no longer stores latent 0
+            keep[rows == 5, 0] = False
+        r, c = keep.nonzero(as_tuple=True)
+        return torch.sparse_coo_tensor(torch.stack([r, c]), latents[r, c], latents.shape), emb[rows]
+
+    with pytest.raises(RuntimeError, match="below the minimum of pass 1"):
+        mk.dataset_monoloss_backward(model_fn, [torch.arange(0, 20), torch.arange(20, 40)], num_latents=4,
+                                     progress=False)
+
+
 def test_bad_input_raises():
     model = Encoder(torch.Generator().manual_seed(43), topk=False)
     x, emb = make_dataset(seed=47)
