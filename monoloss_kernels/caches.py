@@ -11,7 +11,7 @@ a chunk at a time; nothing is read at open but headers and shapes):
 | opener | files | rows |
 |---|---|---|
 | `open_npy` | one dense (N, M) `.npy` (memory-mapped) | its rows |
-| `open_topk` | TopK values + indices, two (N, k) `.npy` files | their rows |
+| `open_topk` | TopK values + indices, two (N, k) files, or one `.safetensors` holding `values` and `indices` | their rows |
 | `open_safetensors` | one dense 2-D tensor in a `.safetensors` file | its rows |
 | `open_pt` | one dense (N, M) tensor saved by `torch.save` (memory-mapped) | its rows |
 | `open_pt_parts` | sae-for-vlm's `{prefix}_part{i}.pt` files, each a dense (rows_i, M) tensor | the parts' rows in part order |
@@ -138,14 +138,20 @@ class NpyRows(RowArray):
 class SafetensorsRows(RowArray):
     """One tensor of a `.safetensors` file, read by row slices (memory-mapped)."""
 
-    def __init__(self, path, key: str | None = None, *, handle=None):
+    def __init__(self, path, key: str | None = None, *, handle=None, default_key: str | None = None,
+                 key_hint: str = "pass key= (--key) to name the activations"):
+        """key names the tensor; without it, the file's only tensor, else default_key if the
+        file holds it (TopK's "values" and "indices"); key_hint says what to do otherwise."""
         self.path = str(path)
         self._handle = _open_safetensors(self.path) if handle is None else handle
         keys = list(self._handle.keys())
         if key is None:
-            if len(keys) != 1:
-                raise CacheFileError(f"{self.path}: holds tensors {keys}; pass key= (--key) to name the activations")
-            key = keys[0]
+            if len(keys) == 1:
+                key = keys[0]
+            elif default_key in keys:
+                key = default_key
+            else:
+                raise CacheFileError(f"{self.path}: holds tensors {keys}; {key_hint}")
         elif key not in keys:
             raise CacheFileError(f"{self.path}: has no tensor {key!r}; it holds {keys}")
         self.key = key
@@ -270,10 +276,11 @@ def _load_pt(path: str) -> Tensor:
     return obj.detach()
 
 
-def open_rows(source, *, key: str | None = None) -> RowArray:
+def open_rows(source, *, key: str | None = None, default_key: str | None = None,
+              key_hint: str = "pass key= (--key) to name the activations") -> RowArray:
     """A `RowArray` over `source`: a `.npy`, `.pt`/`.pth` or `.safetensors` file
-    (`key` names the tensor when the file holds several), or a tensor / numpy array
-    in memory."""
+    (`key` names the tensor when the file holds several; see `SafetensorsRows` for
+    default_key and key_hint), or a tensor / numpy array in memory."""
     if isinstance(source, RowArray):
         return source
     if isinstance(source, (Tensor, np.ndarray)):
@@ -287,20 +294,21 @@ def open_rows(source, *, key: str | None = None) -> RowArray:
     if suffix in (".pt", ".pth"):
         return TorchRows(path)
     if suffix == ".safetensors":
-        return SafetensorsRows(path, key)
+        return SafetensorsRows(path, key, default_key=default_key, key_hint=key_hint)
     raise CacheFileError(f"{path}: unknown file type {suffix!r}; expected .npy, .pt/.pth or .safetensors")
 
 
 def open_embeddings(source, *, key: str | None = None) -> RowArray:
     """Embeddings (N, d), floating point: a `.npy` (memory-mapped), `.pt` or
     `.safetensors` file, or a tensor / array in memory."""
-    return open_rows(source, key=key)._check("embeddings", 2, FLOAT_DTYPES)
+    rows = open_rows(source, key=key, key_hint="pass emb_key= (--emb-key) to name the embeddings")
+    return rows._check("embeddings", 2, FLOAT_DTYPES)
 
 
 def open_labels(source) -> RowArray:
     """Class labels (N,), integers in [0, num_classes): a `.npy` or `.pt` file, or a
     tensor / array in memory."""
-    return open_rows(source)._check("labels", 1, INT_DTYPES)
+    return open_rows(source, key_hint="save the labels alone in a file")._check("labels", 1, INT_DTYPES)
 
 
 # --------------------------------------------------------------------------- activation caches
@@ -540,8 +548,12 @@ def open_npy(path, *, num_latents: int | None = None) -> DenseCache:
 
 def open_topk(values, indices, *, num_latents: int) -> TopKCache:
     """TopK activations: `values` and `indices` files (each (N, k); `.npy`, `.pt` or
-    `.safetensors`), indices of any integer dtype; num_latents = M is required."""
-    return TopKCache(open_rows(_existing(values)), open_rows(_existing(indices)), num_latents)
+    `.safetensors`), indices of any integer dtype; num_latents = M is required. A
+    `.safetensors` file holding several tensors gives its "values" or "indices" one, so
+    a pair saved as {"values": ..., "indices": ...} in one file is passed as both."""
+    hint = "a .safetensors file with several tensors must name them 'values' and 'indices'"
+    return TopKCache(open_rows(_existing(values), default_key="values", key_hint=hint),
+                     open_rows(_existing(indices), default_key="indices", key_hint=hint), num_latents)
 
 
 def open_safetensors(path, *, key: str | None = None, num_latents: int | None = None) -> DenseCache:

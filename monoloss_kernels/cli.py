@@ -50,8 +50,11 @@ def _add_score_parser(subparsers) -> None:
     acts = p.add_argument_group("activations")
     acts.add_argument("acts", nargs="*", metavar="ACTS",
                       help="activation file(s), a cache directory or a glob (quote it)")
-    acts.add_argument("--values", metavar="FILE", help="TopK values (N, k) (.npy); needs --indices and --num-latents")
-    acts.add_argument("--indices", metavar="FILE", help="TopK latent indices (N, k), any integer dtype")
+    acts.add_argument("--values", metavar="FILE",
+                      help="TopK values (N, k) (.npy, .pt or .safetensors); needs --indices and --num-latents")
+    acts.add_argument("--indices", metavar="FILE",
+                      help="TopK latent indices (N, k), any integer dtype; a .safetensors file holding tensors "
+                           "'values' and 'indices' can be given as both --values and --indices")
     acts.add_argument("--num-latents", type=int, metavar="M",
                       help="the SAE width M; required for TopK, otherwise checked against the files")
     acts.add_argument("--key", help="the tensor holding the activations in a .safetensors file with several")
@@ -94,6 +97,9 @@ def _check_score_args(args) -> str:
             raise UsageError("TopK activations need both --values and --indices")
         if args.num_latents is None:
             raise UsageError("TopK activations need --num-latents M (the SAE width)")
+        if args.key is not None:
+            raise UsageError("--key names dense activations; a .safetensors file of TopK --values/--indices with "
+                             "several tensors must name them 'values' and 'indices'")
     elif not args.acts:
         raise UsageError("no activations: give ACTS or --values/--indices")
     if (args.emb is None) == (args.images is None):

@@ -191,6 +191,24 @@ def test_topk_files_equal_monoscore(tmp_path, case, index_dtype):
     assert_scores(result.monoscore, mk.monoscore((values, indices), emb, num_latents=M))
 
 
+def test_topk_pair_in_one_safetensors_file(tmp_path):
+    """{"values": ..., "indices": ...} in one .safetensors file, passed as both; a file
+    with several tensors named otherwise says which names are read."""
+    gen = torch.Generator().manual_seed(12)
+    values, indices = make_topk("negative", N, M, K, gen)
+    values = values.float()
+    emb = make_emb("zero_dup", N, D, gen).float()
+    pair = tmp_path / "topk.safetensors"
+    safetensors_numpy.save_file({"indices": indices.numpy().astype(np.int32), "values": values.numpy()}, pair)
+    result = caches.score_activations(caches.open_topk(pair, pair, num_latents=M), emb, batch_rows=97,
+                                      progress=False)
+    assert_scores(result.monoscore, mk.monoscore((values, indices), emb, num_latents=M))
+    safetensors_numpy.save_file({"v": values.numpy(), "i": indices.numpy()}, tmp_path / "named.safetensors")
+    with pytest.raises(CacheFileError, match=r"named.safetensors: holds tensors \['i', 'v'\]; a .safetensors file "
+                                             r"with several tensors must name them 'values' and 'indices'"):
+        caches.open_topk(tmp_path / "named.safetensors", tmp_path / "named.safetensors", num_latents=M)
+
+
 @pytest.mark.parametrize("loc_dtype", [np.uint16, np.uint32, np.int64])
 @pytest.mark.parametrize("batch_rows", [1, 40, 4096])
 def test_delphi_cache_equals_monoscore(tmp_path, loc_dtype, batch_rows):
@@ -513,6 +531,9 @@ def test_wrong_shapes_and_dtypes(tmp_path):
         caches.score_activations(tmp_path / "acts.npy", tmp_path / "emb_3d.npy")
     with pytest.raises(CacheFileError, match=r"two.safetensors: holds tensors \['a', 'b'\]; pass key="):
         caches.open_activations(tmp_path / "two.safetensors")
+    with pytest.raises(CacheFileError, match=r"two.safetensors: holds tensors \['a', 'b'\]; pass emb_key= "
+                                             r"\(--emb-key\) to name the embeddings"):
+        caches.score_activations(tmp_path / "acts.npy", tmp_path / "two.safetensors")
     with pytest.raises(CacheFileError, match=r"two.safetensors: has no tensor 'c'"):
         caches.open_activations(tmp_path / "two.safetensors", key="c")
     with pytest.raises(CacheFileError, match=rf"acts.npy: holds {M} columns but num_latents=768"):

@@ -238,6 +238,24 @@ def test_main_errors(dense_files, capsys):
     assert cli.main(["--help"]) == 0
 
 
+def test_topk_pair_in_one_safetensors_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(42)
+    top = torch.topk(torch.randn(N, M, generator=gen), K, dim=1)
+    emb = make_emb("plain", N, D, gen).float()
+    pair = str(tmp_path / "topk.safetensors")
+    save_file({"values": top.values.contiguous(), "indices": top.indices.contiguous()}, pair)
+    save_file({"emb": emb}, tmp_path / "emb.safetensors")
+    argv = ["score", "--values", pair, "--indices", pair, "--num-latents", str(M), "--emb",
+            str(tmp_path / "emb.safetensors"), "--out", str(tmp_path / "s.csv"), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert_scores(read_csv(tmp_path / "s.csv")["monoscore"], mk.monoscore(top, emb, num_latents=M))
+    capsys.readouterr()
+    assert cli.main([*argv, "--key", "values"]) == 2  # --key would be ignored for TopK: refused
+    assert "--key names dense activations" in capsys.readouterr().err
+
+
 def test_label_ids_exit_2_with_one_line(dense_files, capsys):
     tmp_path, acts, emb = dense_files
     ids = np.random.default_rng(41).choice([1_000_000_000_003, 2_000_000_000_017, 3_000_000_000_001], N)
