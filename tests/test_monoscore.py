@@ -97,6 +97,21 @@ def test_large_n_float32(backend_device, case):
     check_scores(scores, acts, emb, torch.float32, reference=closed_form_monoscore)
 
 
+def test_large_n_float32_mass_at_min(backend_device):
+    """N = 10^5 (+3), float32, latents at 2.9 + u^128: within a few ranges of 0, but with
+    their mass at the minimum (mean(a - min) = 1/129), so that Σ ê (a - min) is 0.3% of
+    Σ ê a, and embeddings sharing a strong direction. The CPU kernel's unshifted pass
+    (cross at shift 0) missed the bound here by 4.7x before it compared |min| with the
+    mean mass above the minimum instead of with the range."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(10)
+    n, m, d = 100_003, 4, 9
+    acts = (2.9 + torch.rand(n, m, generator=gen, dtype=torch.float64) ** 128).float().to(device)
+    emb = (torch.randn(n, d, generator=gen) + 4 * torch.randn(1, d, generator=gen)).to(device)
+    scores = mk.monoscore(acts, emb, backend=backend)
+    check_scores(scores, acts, emb, torch.float32, reference=closed_form_monoscore)
+
+
 @pytest.mark.parametrize("case", ACT_CASES)
 def test_closed_form_reference_matches_pairwise(case):
     gen = torch.Generator().manual_seed(5)
