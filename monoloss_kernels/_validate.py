@@ -40,6 +40,8 @@ reconstruction for the latents) pass shape checks -- both are valid-looking (N, 
 matrices, and M = d is possible, so nothing is guessed.
 """
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -114,8 +116,14 @@ def _check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None
                 "the number of latents of the SAE"
             )
         return num_columns
-    if isinstance(num_latents, bool) or not isinstance(num_latents, int) or num_latents < 0:
+    # Any integer (numpy's, a 0-d integer tensor: operator.index), but no bool or float.
+    try:
+        index = None if isinstance(num_latents, bool) else operator.index(num_latents)
+    except TypeError:
+        index = None
+    if index is None or index < 0:
         raise TypeError(f"num_latents must be a non-negative int, got {num_latents!r}")
+    num_latents = index
     if num_columns is not None and num_latents != num_columns:
         message = f"num_latents={num_latents} but acts has {num_columns} columns (latents)"
         if emb_dim == num_columns:

@@ -1,6 +1,7 @@
 """Sparse activations (TopK pairs, COO, CSR) on every backend against the float64
 pairwise definition of the densified matrix."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,6 +115,18 @@ def test_duplicate_latent_in_a_row_raises(backend_device):
     indices[7, 2] = indices[7, 0]
     with pytest.raises(ValueError, match=rf"acts stores latent {int(indices[7, 0])} twice in row 7"):
         mk.monoscore((values, indices), emb, num_latents=12, backend=backend)
+
+
+def test_num_latents_of_any_integer_type():
+    """numpy's integers (e.g. from an SAE config loaded with numpy) count as ints."""
+    values, indices, emb = _good_topk()
+    expected = mk.monoscore((values, indices), emb, num_latents=12)
+    for num_latents in (np.int64(12), np.uint16(12), torch.tensor(12)):
+        torch.testing.assert_close(mk.monoscore((values, indices), emb, num_latents=num_latents), expected,
+                                   rtol=0, atol=0, equal_nan=True)
+    for bad in (12.0, True, np.float32(12), torch.tensor(12.0)):
+        with pytest.raises(TypeError, match="num_latents must be a non-negative int"):
+            mk.monoscore((values, indices), emb, num_latents=bad)
 
 
 @pytest.mark.parametrize(
