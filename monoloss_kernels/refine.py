@@ -28,9 +28,11 @@ whose mass is spread (κ near 1, as in most batches) cost nothing; in a TopK bat
 Zipf-distributed latent frequencies and heavy-tailed values (N = M = 16384, k = 32,
 d = 512), 46% of the latents qualify: `monoscore` takes 138 ms against 95 ms for the
 one-pass scores, the op 20 ms of it, 206 ms with its torch implementation (2-core Intel
-Xeon; README, Accuracy). The streaming
-accumulator has no inputs left to go back to, and MonoLoss differentiates the one-pass
-form: both keep the g·eps32·κ error.
+Xeon; README, Accuracy). MonoLoss refines the same latents (`loss.refine_loss_scores`,
+its backward a float64 recomputation of them), except with distributed=True, where the
+other ranks' rows are not at hand; the streaming accumulator has no inputs left to go
+back to (`caches.score_activations` makes a second pass over its files): those keep
+the g·eps32·κ error.
 """
 
 import torch
