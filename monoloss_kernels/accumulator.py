@@ -23,9 +23,15 @@ STATE_VERSION = 1
 class MonoScoreAccumulator:
     """Streams MonoScore over batches of samples; `compute()` equals one `monoscore`
     call over the concatenation of every batch seen (here, merged or all-reduced), except
-    for latents that one sample carries: `monoscore` recomputes those from its inputs
-    (monoloss_kernels/refine.py), while the accumulator, whose batches are gone, keeps
-    the one-pass form's error of about g·eps32·κ there.
+    for latents that one sample carries (κ = S1²/(S1² − S2) > refine.KAPPA_MAX, e.g. a
+    latent whose second-largest value is 1e-4 of its largest): `monoscore` recomputes
+    those from its inputs (monoloss_kernels/refine.py), while the accumulator, whose
+    batches are gone, keeps the one-pass form's error of about g·eps32·κ there (g grows
+    with the rows per float32 sum; 6e-3 measured for such latents over 2000 rows in
+    batches of 500, embeddings sharing a direction). `caches.score_activations` (and the
+    CLI), which still have the files, recompute them in a second pass over the chunks;
+    with a loader of your own, gather those latents' entries the same way
+    (`refine.ill_conditioned_latents` of the final statistics, then `deflated_scores`).
 
         acc = MonoScoreAccumulator(num_latents=M, dim=d, device="cuda")
         for acts, emb in loader:   # dense (B, M), a TopK (values, indices) pair, COO or CSR

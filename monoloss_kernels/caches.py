@@ -1,4 +1,4 @@
-"""Activation caches on disk, scored in one streaming pass with bounded memory.
+"""Activation caches on disk, scored in a streaming pass with bounded memory.
 
     from monoloss_kernels.caches import open_activations, score_activations
 
@@ -22,10 +22,15 @@ a chunk at a time; nothing is read at open but headers and shapes):
 glob pattern or list of such files, or a single `.npy` (with `indices=`: a TopK
 pair), `.pt`/`.pth` or `.safetensors` file (one holding `locations` and
 `activations` is delphi's layout). `score_activations` streams a cache and its
-embeddings through `MonoScoreAccumulator` (and, with labels, class purity).
+embeddings through `MonoScoreAccumulator` (and, with labels, class purity), then, as
+`monoscore` does, recomputes the latents that one sample carries from a second pass
+over their entries (`refine.py`), which the accumulator alone cannot.
 
 Memory: one chunk of `batch_rows` rows of activations, embeddings and labels at a
-time, plus the accumulator's O(d·M) float64 sums. Files are memory-mapped (npy,
+time, plus the accumulator's O(d·M) float64 sums; the second pass, where there are
+latents to refine, keeps their entries (20 bytes each) and reads the embedding rows
+they touch (from the memory map of a `.npy` or `.pt` file, else a copy of the whole
+embeddings). Files are memory-mapped (npy,
 safetensors, `torch.load(mmap=True)`), so their pages are read on demand and stay
 reclaimable page cache; chunked `.pt` files are mapped one part at a time.
 
@@ -51,8 +56,10 @@ import torch
 from torch import Tensor
 
 from ._progress import progress_bar
+from ._validate import canonical_acts
 from .accumulator import MonoScoreAccumulator
-from .stats import CsrActs
+from .refine import _csr_entries, _dense_entries, ill_conditioned_latents
+from .stats import CsrActs, MonoScoreStats
 
 # Rows per chunk: a float32 chunk of M = 16384 latents is 256 MiB, and 4096 rows
 # keep the statistics kernels at their full matrix-product speed.
@@ -100,6 +107,11 @@ class RowArray(ABC):
     @abstractmethod
     def read(self, start: int, stop: int) -> Tensor: ...
 
+    def read_all(self) -> Tensor:
+        """Every row as one CPU tensor: a view of the memory map where the file allows
+        (pages read when used, reclaimable), else a copy."""
+        return self.read(0, self.num_rows)
+
     def _check(self, what: str, ndim: int, dtypes: tuple) -> RowArray:
         """Checks rank and dtype for the array's role (`what`); returns self."""
         if len(self.shape) != ndim:
@@ -133,6 +145,12 @@ class NpyRows(RowArray):
     def read(self, start, stop):
         # A writable, native-order, C-contiguous copy of just these rows.
         return torch.from_numpy(self._array[start:stop].astype(self._native, order="C", copy=True))
+
+    def read_all(self):
+        if self._array.dtype != self._native:  # byte-swapped: converted, a copy
+            return self.read(0, self.num_rows)
+        # Copy-on-write, as load_embeddings maps: torch wants a writable array; nothing writes.
+        return torch.from_numpy(np.load(self.path, mmap_mode="c", allow_pickle=False))
 
 
 class SafetensorsRows(RowArray):
@@ -177,6 +195,9 @@ class TorchRows(RowArray):
 
     def read(self, start, stop):
         return self._tensor[start:stop]
+
+    def read_all(self):
+        return self._tensor
 
 
 class TorchPartsRows(RowArray):
@@ -756,7 +777,10 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
                       progress: bool | None = None, labels=None, num_classes: int | None = None,
                       key: str | None = None, emb_key: str | None = None,
                       seq_len: int | None = None) -> CacheScores:
-    """MonoScore (and class purity with `labels`) of a cache on disk, in one streaming pass.
+    """MonoScore (and class purity with `labels`) of a cache on disk, streamed in chunks:
+    one pass for the statistics, and a second over the entries of the latents that one
+    sample carries (`refine.ill_conditioned_latents` of the whole cache's statistics),
+    recomputed exactly in float64 as `monoscore` recomputes them.
 
     Args:
         acts_source: an `ActivationCache`, or anything `open_activations` opens
@@ -765,10 +789,13 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
             (memory-mapped), `.pt` or `.safetensors` file, or a tensor in memory.
         num_latents: M; required for TopK caches, otherwise checked against the files.
         batch_rows: rows per chunk; memory is about batch_rows · (M + d) values of the
-            files' dtypes (less for sparse caches) plus the accumulator's d·M float64 sums.
+            files' dtypes (less for sparse caches) plus the accumulator's d·M float64 sums,
+            and in the second pass the refined latents' entries (20 bytes each) and the
+            embedding rows they touch (memory-mapped for `.npy`/`.pt`, else all of them).
         device: where the statistics are computed (default CPU); chunks are moved there.
         backend: as in `monoscore`.
-        progress: a progress bar on stderr (None: when stderr is a terminal; needs tqdm).
+        progress: progress bars on stderr, one per pass (None: when stderr is a terminal;
+            needs tqdm).
         labels: (N,) integer class labels (file or tensor) for class purity
             (`monoloss_kernels.purity.ClassPurityAccumulator`), computed in the same pass.
         num_classes: the number of classes (default: 1 + the largest label). Labels must be
@@ -780,7 +807,9 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
 
     Returns:
         `CacheScores(monoscore, purity, weighted_purity, num_rows, num_classes)`, on the CPU;
-        monoscore equals `monoscore` over the whole cache in memory.
+        monoscore equals `monoscore` over the whole cache in memory (to float32 rounding:
+        the one-pass scores come from float64 running sums of chunk statistics, the
+        refined ones from the same float64 recomputation).
 
     Raises:
         FileNotFoundError for a missing file; `CacheFileError` (a ValueError) naming the
@@ -827,8 +856,35 @@ def score_activations(acts_source, emb_source, *, num_latents: int | None = None
             raise CacheFileError(
                 f"activations {acts.path} with embeddings {emb.path}{with_labels}, rows {start}..{stop - 1}: {err}"
             ) from err
+    scores = acc.compute().cpu()
+    if acc.num_rows >= 2:
+        scores = _refine_ill_conditioned(scores, acts, emb, acc._sums, batch_rows, progress)
     purity = weighted = None
     if purity_acc is not None:
         purity = purity_acc.compute(weighted=False).cpu()
         weighted = purity_acc.compute(weighted=True).cpu()
-    return CacheScores(acc.compute().cpu(), purity, weighted, acts.num_rows, num_classes)
+    return CacheScores(scores, purity, weighted, acts.num_rows, num_classes)
+
+
+def _refine_ill_conditioned(scores: Tensor, acts: ActivationCache, emb: RowArray, stats: MonoScoreStats,
+                            batch_rows: int, progress: bool | None) -> Tensor:
+    """`scores` with the latents that one sample carries (`refine.ill_conditioned_latents`
+    of the dataset's statistics) replaced by their exact float64 scores, as `monoscore`
+    replaces them: a second pass over the chunks gathers those latents' entries (global
+    row, index into the latents, value), then one `deflated_scores` over all of them with
+    the dataset's min and max. On the CPU, whatever device the statistics used."""
+    latents = ill_conditioned_latents(stats).cpu()
+    if latents.numel() == 0:
+        return scores
+    parts = []
+    num_chunks = math.ceil(acts.num_rows / batch_rows)
+    for start, _, chunk in progress_bar(acts.chunks(batch_rows), desc="MonoScore refinement", enabled=progress,
+                                        total=num_chunks, unit="chunk"):
+        chunk = canonical_acts(chunk, acts.num_latents)
+        rows, local, values = _csr_entries(chunk, latents) if isinstance(chunk, CsrActs) else \
+            _dense_entries(chunk, latents)
+        parts.append((rows + start, local, values.float()))  # float32, as the statistics kernels read them
+    rows, local, values = (torch.cat(p) for p in zip(*parts))
+    exact = torch.ops.monoloss_kernels.deflated_scores(rows, local, values, stats.act_range.cpu()[:, latents],
+                                                       emb.read_all())
+    return scores.index_copy(0, latents, exact.to(scores.dtype))

@@ -158,6 +158,44 @@ def test_pt_cache_saved_with_requires_grad(tmp_path):
     assert_scores(result.monoscore, mk.monoscore(acts, emb))
 
 
+def make_dominant_sample_data(seed: int = 0):
+    """Latents that one sample carries (the others at 1e-3..1e-6 of its value) and
+    embeddings sharing a direction: the one-pass form is off by g·eps32·κ there (6e-3
+    streamed in chunks of 500, 9e-3 in one), and `monoscore` recomputes them (refine.py)."""
+    gen = torch.Generator().manual_seed(seed)
+    num_rows, num_latents, dim = 2000, 8, 16
+    emb = torch.randn(num_rows, dim, generator=gen) + 3.0
+    acts = torch.zeros(num_rows, num_latents)
+    for k in range(num_latents):
+        rows = torch.randperm(num_rows, generator=gen)[:3]
+        acts[rows, k] = torch.tensor([1.0, 10.0 ** -(k % 4 + 3), 10.0 ** -(k % 4 + 3)])
+    return acts, emb
+
+
+@pytest.mark.parametrize("fmt", ["npy", "topk", "tensor"])
+@pytest.mark.parametrize("batch_rows", [500, 4096])
+def test_latents_one_sample_carries_equal_monoscore(tmp_path, fmt, batch_rows):
+    """score_activations refines the ill-conditioned latents in a second pass, so it equals
+    monoscore over the whole cache where the accumulator alone keeps the one-pass error."""
+    acts, emb = make_dominant_sample_data()
+    np.save(tmp_path / "emb.npy", emb.numpy())
+    if fmt == "topk":
+        top = torch.topk(acts, 2, dim=1)
+        np.save(tmp_path / "values.npy", top.values.numpy())
+        np.save(tmp_path / "indices.npy", top.indices.numpy())
+        source = caches.open_topk(tmp_path / "values.npy", tmp_path / "indices.npy", num_latents=acts.shape[1])
+        expected = mk.monoscore(top, emb, num_latents=acts.shape[1])
+    else:
+        np.save(tmp_path / "acts.npy", acts.numpy())
+        source = caches.open_npy(tmp_path / "acts.npy") if fmt == "npy" else caches.DenseCache(caches.TensorRows(acts))
+        expected = mk.monoscore(acts, emb)
+    emb_source = emb if fmt == "tensor" else tmp_path / "emb.npy"
+    result = caches.score_activations(source, emb_source, batch_rows=batch_rows, progress=False)
+    assert_scores(result.monoscore, expected)
+    torch.testing.assert_close(result.monoscore.double(), mk.reference.pairwise_monoscore(acts.double(), emb.double()),
+                               atol=TOL, rtol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("emb_format", ["pt", "safetensors", "tensor"])
 def test_embedding_sources(tmp_path, emb_format):
     acts, emb = make_data(seed=5)
