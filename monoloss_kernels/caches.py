@@ -692,6 +692,11 @@ def open_activations(source, *, indices=None, num_latents: int | None = None, ke
     """
     if isinstance(source, ActivationCache):
         return source
+    if isinstance(source, (Tensor, np.ndarray)):  # its str() holds '[', and would be taken for a glob
+        raise TypeError(
+            f"acts_source must be a path, a glob, a list of files or an ActivationCache, got a "
+            f"{type(source).__name__} in memory; wrap it as DenseCache(TensorRows(acts)), or call monoscore"
+        )
     if indices is not None:
         return open_topk(source, indices, num_latents=num_latents)
     if isinstance(source, (list, tuple)) or os.path.isdir(str(source)) or glob.has_magic(str(source)):

@@ -494,6 +494,14 @@ def test_peak_memory_is_one_chunk(tmp_path, fmt):
 
 
 # --------------------------------------------------------------------------- bad files
+def test_tensor_in_memory_refused_with_what_to_do():
+    # str(tensor) holds '[' and was taken for a glob: "no files match tensor([[...".
+    acts, emb = make_data(seed=19)
+    for source in (acts, acts.numpy()):
+        with pytest.raises(TypeError, match=r"acts_source must be a path, .* wrap it as DenseCache\(TensorRows"):
+            caches.score_activations(source, emb)
+
+
 def test_missing_files(tmp_path):
     _, emb = make_data(seed=19)
     with pytest.raises(FileNotFoundError, match="nope.npy"):
