@@ -122,6 +122,8 @@ def _check_score_args(args) -> str:
             device = torch.device(args.device)
         except RuntimeError as err:
             raise UsageError(f"--device {args.device}: {err}") from err
+        if device.type not in ("cpu", "cuda"):  # meta, xpu, mps...: no statistics kernels there
+            raise UsageError(f"--device {args.device}: must be cpu or cuda (e.g. cuda:1)")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch (torch.cuda.is_available() "
                              "is False)")

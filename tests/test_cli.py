@@ -221,6 +221,7 @@ def test_main_errors(dense_files, capsys):
         "--batch-rows must be a positive integer": ["score", acts_npy, "--emb", emb_npy, "--out", out,
                                                     "--batch-rows", "0"],
         "--device bogus: Expected one of": ["score", acts_npy, "--emb", emb_npy, "--out", out, "--device", "bogus"],
+        "--device meta: must be cpu or cuda": ["score", acts_npy, "--emb", emb_npy, "--out", out, "--device", "meta"],
     }
     if not torch.cuda.is_available():
         cases["--device cuda: no CUDA GPU is visible"] = ["score", acts_npy, "--emb", emb_npy, "--out", out,
