@@ -5,12 +5,13 @@ from torch import Tensor, nn
 
 from ._dispatch import check_backend, loss_stats_function, stats_function
 from ._validate import _check_num_latents, check_finite, check_stats_finite, validate_acts
-from .refine import ill_conditioned_latents, refine_ill_conditioned
+from .refine import block_deflated_scores, ill_conditioned_latents, refine_ill_conditioned
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
-# float64 elements of the (N, latents) columns recomputed at once in the refined latents'
-# backward: 128 MiB, with its few temporaries of the same size.
+# float64 elements recomputed at once in the refined latents' backward: of the (N, latents)
+# columns of dense acts, or of the (entries, d) embedding rows of sparse ones; 128 MiB,
+# with its few temporaries of the same size.
 REFINE_ELEMENTS_PER_BLOCK = 2**24
 
 
@@ -209,7 +210,8 @@ def _ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
 # scores, and autograd's gradient of them, are off by up to g·eps32·κ (scores outside
 # [-1, 1], gradients 1e3 times too large). The loss replaces them as `monoscore` does, by
 # their float64 deflated scores, in an op whose backward differentiates a float64
-# recomputation of just those latents (`refined_scores_of_columns`); the one-pass scores
+# recomputation of just those latents (`refined_scores_of_columns` for dense acts,
+# `refined_scores_of_entries` for sparse ones); the one-pass scores
 # keep the gradient of every other latent.
 def _refine_stats(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor) -> MonoScoreStats:
     """The statistics `ill_conditioned_latents` reads (it needs no cross or ΣÊ)."""
@@ -229,7 +231,8 @@ def refine_loss_scores(scores: Tensor, acts: Tensor, emb: Tensor, moments: Tenso
     statistics moments, act_range, shift, counts) with the ill-conditioned latents
     (refine.ill_conditioned_latents) replaced by their float64 deflated scores, rounded
     to scores' dtype. Its backward: the incoming gradient for the other latents goes to
-    `scores`; for the refined ones, to acts and emb through `refined_scores_of_columns`."""
+    `scores`; for the refined ones, to acts and emb through `refined_scores_of_columns`
+    (`refined_scores_of_entries` for `refine_loss_scores_csr`)."""
     return _refined(scores, acts, emb, _refine_stats(moments, act_range, shift, counts))
 
 
@@ -283,12 +286,37 @@ def _unit_rows64(emb: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0), nonzero[:, 0].double()
 
 
-def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreStats, num_rows: int, gather,
+def refined_scores_of_entries(rows: Tensor, local: Tensor, values: Tensor, count: Tensor, act_range: Tensor,
+                              emb: Tensor, unit_emb_sum: Tensor, num_unit_rows: Tensor) -> Tensor:
+    """(F,) float64 MonoScores of F latents from their stored entries (see
+    refine.deflated_scores; the rows without one hold 0), differentiable in values and
+    emb: refine.block_deflated_scores with each latent's min and max (act_range (2, F),
+    float32 as the statistics hold them) made differentiable the way torch.amin/amax
+    split a dense column's ties, the implicit zeros' shares going nowhere, as in the
+    statistics' backward. O(d) per entry, where densifying the columns costs O(N·d) per
+    latent. count (F,): entries per latent; unit_emb_sum (d,), num_unit_rows (): ΣÊ and
+    the number of nonzero-norm rows over all N rows."""
+    num_rows = emb.shape[0]
+    count = count.double()
+    x = values.float().double()  # as the kernels read them
+    extremes = []
+    for extreme in act_range.double():
+        at = (x.detach() == extreme[local]).double()
+        implicit_ties = torch.where((count < num_rows) & (extreme == 0), num_rows - count, 0.0)
+        ties = torch.zeros_like(extreme).index_add(0, local, at) + implicit_ties
+        # The exact extreme in value (x - x.detach() is 0); each tie gets 1/ties of its gradient.
+        extremes.append(extreme + torch.zeros_like(extreme).index_add(0, local, (x - x.detach()) * at) / ties)
+    return block_deflated_scores(rows, local, x, count, torch.stack(extremes), emb, unit_emb_sum, num_unit_rows)
+
+
+def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreStats, blocks_of, gather,
                       emb_grad: bool):
-    """(∂L/∂scores, [(positions, ∂L/∂ those acts entries)], ∂L/∂emb). `gather(latents)` gives
-    (the latents' acts entries, a function making their float64 columns (N, F) of them,
-    the entries' positions in acts). torch.func.vjp, not autograd: an op's implementation
-    runs below the autograd dispatch key, where torch.enable_grad() records nothing."""
+    """(∂L/∂scores, [(positions, ∂L/∂ those acts entries)], ∂L/∂emb). `blocks_of(latents)`
+    splits the latents into blocks recomputed at once; `gather(block)` gives (the block's
+    acts entries, scores_of(entries, emb, unit_rows) their (F,) float64 scores, the
+    entries' positions in acts), unit_rows(emb) being `_unit_rows64`. torch.func.vjp, not
+    autograd: an op's implementation runs below the autograd dispatch key, where
+    torch.enable_grad() records nothing."""
     latents = ill_conditioned_latents(stats)
     grad_scores = grad.index_fill(0, latents, 0.0)
     grad_emb = torch.zeros_like(emb)
@@ -297,18 +325,19 @@ def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreSt
     latents = latents[torch.isfinite(out[latents]) & (grad[latents] != 0)]
     if latents.numel() == 0:
         return grad_scores, parts, grad_emb
-    step = max(1, REFINE_ELEMENTS_PER_BLOCK // max(1, num_rows))
-    unit = None if emb_grad else _unit_rows64(emb)
-    for f0 in range(0, latents.numel(), step):
-        block = latents[f0 : f0 + step]
-        entries, to_columns, positions = gather(block)
+    if emb_grad:
+        unit_rows = _unit_rows64
+    else:
+        constant_unit_rows = _unit_rows64(emb)
+        unit_rows = lambda e: constant_unit_rows  # noqa: E731
+    for block in blocks_of(latents):
+        entries, scores_of, positions = gather(block)
         if emb_grad:
-            _, vjp = torch.func.vjp(lambda v, e: refined_scores_of_columns(to_columns(v), *_unit_rows64(e)),
-                                    entries, emb)
+            _, vjp = torch.func.vjp(lambda v, e: scores_of(v, e, unit_rows), entries, emb)
             grad_entries, grad_emb_block = vjp(grad[block].double())
             grad_emb += grad_emb_block
         else:
-            _, vjp = torch.func.vjp(lambda v: refined_scores_of_columns(to_columns(v), *unit), entries)
+            _, vjp = torch.func.vjp(lambda v: scores_of(v, emb, unit_rows), entries)
             (grad_entries,) = vjp(grad[block].double())
         parts.append((positions, grad_entries))
     return grad_scores, parts, grad_emb
@@ -320,11 +349,16 @@ def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Te
                                 emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of `refine_loss_scores`: (∂L/∂scores, ∂L/∂acts, ∂L/∂emb (zeros unless
     emb_grad)), given ∂L/∂out and its output out."""
-    def columns_of(block):  # values as the kernels read them: float32
-        return acts[:, block], lambda columns: columns.float().double(), block
+    def blocks_of(latents):
+        return latents.split(max(1, REFINE_ELEMENTS_PER_BLOCK // max(1, acts.shape[0])))
+
+    def columns_of(block):
+        def scores_of(columns, e, unit_rows):  # values as the kernels read them: float32
+            return refined_scores_of_columns(columns.float().double(), *unit_rows(e))
+        return acts[:, block], scores_of, block
 
     grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
-                                                     acts.shape[0], columns_of, emb_grad)
+                                                     blocks_of, columns_of, emb_grad)
     grad_acts = torch.zeros_like(acts)
     for block, grad_block in parts:
         grad_acts[:, block] = grad_block
@@ -341,24 +375,39 @@ def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Ten
                                     values: Tensor, emb: Tensor, num_latents: int, moments: Tensor,
                                     act_range: Tensor, shift: Tensor, counts: Tensor,
                                     emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward of `refine_loss_scores_csr`: (∂L/∂scores, ∂L/∂values, ∂L/∂emb). A
-    refined latent's column is densified (the rows without an entry hold 0), so that ties
-    with the implicit zeros share the min's or max's gradient as in the dense form, the
-    zeros' shares going nowhere, as in the statistics' backward."""
+    """The backward of `refine_loss_scores_csr`: (∂L/∂scores, ∂L/∂values, ∂L/∂emb), from
+    the refined latents' entries (`refined_scores_of_entries`), in blocks of at most
+    REFINE_ELEMENTS_PER_BLOCK / d entries (or one latent)."""
     num_rows = crow_indices.shape[0] - 1
     rows = entry_rows(crow_indices, col_indices.shape[0])
+    entries_per_latent = torch.bincount(col_indices, minlength=num_latents)
+    max_entries = max(1, REFINE_ELEMENTS_PER_BLOCK // max(1, emb.shape[1]))
 
-    def columns_of(block):
+    def blocks_of(latents):
+        blocks, start, total = [], 0, 0
+        for i, n in enumerate(entries_per_latent[latents].tolist()):
+            if total + n > max_entries and i > start:
+                blocks.append(latents[start:i])
+                start, total = i, 0
+            total += n
+        return blocks + [latents[start:]]
+
+    def entries_of(block):
         local_of = torch.full((num_latents,), -1, device=block.device, dtype=torch.int64)
         local_of[block] = torch.arange(block.numel(), device=block.device)
         local = local_of[col_indices]
         keep = (local >= 0).nonzero().squeeze(1)
-        zeros = torch.zeros(num_rows, block.numel(), device=values.device, dtype=torch.float64)
-        index = (rows[keep], local[keep])
-        return values[keep], lambda entries: zeros.index_put(index, entries.float().double()), keep
+        block_rows, block_local = rows[keep], local[keep]
+        count, block_range = entries_per_latent[block], act_range[:, block]
+
+        def scores_of(entries, e, unit_rows):
+            unit, unit_weight = unit_rows(e)
+            return refined_scores_of_entries(block_rows, block_local, entries, count, block_range, e,
+                                             unit.sum(0), unit_weight.sum())
+        return values[keep], scores_of, keep
 
     grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
-                                                     num_rows, columns_of, emb_grad)
+                                                     blocks_of, entries_of, emb_grad)
     grad_values = torch.zeros_like(values)
     for keep, grad_block in parts:
         grad_values[keep] = grad_block

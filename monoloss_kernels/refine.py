@@ -104,7 +104,10 @@ def _dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tenso
 def _inverse_norms(emb_rows: Tensor) -> Tensor:
     """float64 1/‖row‖ of float64 rows, 0 for zero rows (so that their unit row is 0)."""
     norm = torch.linalg.vector_norm(emb_rows, dim=1)
-    return torch.where(norm > 0, 1.0 / norm, 0.0)
+    nonzero = norm > 0
+    # 1 / a safe norm: a NaN in the branch not taken would still reach the gradient
+    # where this is differentiated (MonoLoss's backward).
+    return torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
 
 
 @torch.library.custom_op("monoloss_kernels::deflated_scores", mutates_args=())
@@ -189,33 +192,40 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Te
     missing_row = num_rows * (num_rows - 1) // 2 - torch.zeros(num_latents, device=device, dtype=torch.int64) \
         .index_add_(0, local, rows)
     top_row = torch.where(deflated, rows[top.clamp(max=num_entries - 1)], missing_row.clamp(0, num_rows - 1))
-    t = (deflated | implicit_top).double()  # ã* = 1 where n* was taken out, else 0
+    has_top = (deflated | implicit_top).double()
+    # ã* (1, or 0 where no n*), as the weight it is, so that its gradient is right where
+    # this function is differentiated (MonoLoss's backward).
+    t = torch.where(deflated, weight[top.clamp(max=num_entries - 1)], torch.where(implicit_top, -lo / span, 0.0))
     kept = torch.ones(num_entries, **f64).index_fill_(0, top[deflated], 0.0)  # 0 for an n* entry
     # ã of a row without an entry (an activation of 0). A latent with such rows has
     # min <= 0 <= max, so |ã - ã_implicit| <= 1 below; one without them (or whose only
     # one is n*) gets 0, not -min/range, which for a latent at 1000 + x would cancel.
     implicit = torch.where((count < num_rows) & ~implicit_top, -lo / span, 0.0)  # (F,)
     num_implicit = torch.where(implicit_top, 0.0, num_rows - count)  # rows without an entry, n* not counted
-    is_unit = torch.zeros(num_entries, **f64)  # ‖ê‖² of each entry's row: 1, or 0 for a zero row
+    is_unit = []  # ‖ê‖² of each entry's row: 1, or 0 for a zero row
 
     # V = Σ_{n≠n*} ã ê: every row other than n* at ã_implicit, plus the entries' excess
     # (ã - ã_implicit) ê, summed here with the unit rows formed in float64 on the fly.
+    # Out of place, here and below: MonoLoss's backward differentiates this function
+    # with torch.func.vjp (loss.refined_scores_of_entries), which refuses writes of
+    # tracked values into tensors made here.
     rest = torch.zeros(num_latents, dim, **f64)
     for e0 in range(0, num_entries, ENTRIES_PER_BLOCK):
         e = slice(e0, e0 + ENTRIES_PER_BLOCK)
         x = emb[rows[e]].double()
         inv_norm = _inverse_norms(x)
-        is_unit[e] = (inv_norm > 0).double()
+        is_unit.append((inv_norm > 0).double())
         lat = local[e]
-        rest.index_add_(0, lat, x.mul_(((weight[e] - implicit[lat]) * kept[e] * inv_norm)[:, None]))
+        rest = rest.index_add(0, lat, x * ((weight[e] - implicit[lat]) * kept[e] * inv_norm)[:, None])
+    is_unit = torch.cat(is_unit) if is_unit else weight.new_zeros(0)
     top_x = emb[top_row].double()
-    top_unit = top_x * (_inverse_norms(top_x) * t)[:, None]  # (F, d) ê*, 0 where no n*
+    top_unit = top_x * (_inverse_norms(top_x) * has_top)[:, None]  # (F, d) ê*, 0 where no n*
     top_is_unit = (top_unit != 0).any(1).double()
-    rest.addr_(implicit, unit_emb_sum).sub_(top_unit * implicit[:, None])
+    rest = rest + torch.outer(implicit, unit_emb_sum) - top_unit * implicit[:, None]
 
     # The moments over the rows other than n*: entries, then the rows without an entry.
     w, k = weight * kept, kept * is_unit
-    sum_w, sum_w2, sum_w2_unit, entry_units = torch.zeros(4, num_latents, **f64).index_add_(
+    sum_w, sum_w2, sum_w2_unit, entry_units = torch.zeros(4, num_latents, **f64).index_add(
         1, local, torch.stack([w, w * weight, w * weight * is_unit, k]))
     implicit_units = num_unit_rows - entry_units - top_is_unit  # nonzero-norm rows without an entry
     sum_rest = sum_w + implicit * num_implicit  # S1' = Σ_{n≠n*} ã

@@ -671,6 +671,41 @@ def test_dominant_latents_loss_and_gradient(backend_device, form):
     check_grad(ours.grad.cpu(), ref_acts.grad)
 
 
+@pytest.mark.parametrize("differentiable_emb", [False, True], ids=["acts", "acts_and_emb"])
+def test_sparse_refined_gradient_from_entries(backend_device, differentiable_emb):
+    """A TopK batch's refined latents are differentiated from their entries
+    (loss.refined_scores_of_entries, O(d) per entry; densifying their columns took 5 s of
+    a 4096-row heavy-tailed batch): against autograd of the float64 closed form on the
+    densified matrix, with refine's hard cases (test_refine.ill_conditioned_acts: κ to
+    10^7, ties at the max, a max that is an implicit zero), a max at the one row without
+    an entry, and stored zeros (k above every row's nonzeros) tied with the implicit ones."""
+    from .test_refine import ill_conditioned_acts
+
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(seed_of("sparse refined gradient", differentiable_emb))
+    n, f = 89, 27
+    one_row_at_max = torch.full((n, 1), -1.0, dtype=torch.float64)
+    one_row_at_max += 2**-24 * torch.randint(0, 3, (n, 1), generator=gen)
+    one_row_at_max[7] = 0.0
+    acts = torch.cat([ill_conditioned_acts(n, f - 1, gen), one_row_at_max.float()], dim=1)
+    k = int((acts != 0).sum(1).max()) + 2
+    indices = acts.abs().topk(k, dim=1).indices
+    values = acts.gather(1, indices)
+    emb = make_emb("zero_dup", n, 7, gen).float()
+    ref_values, ref_emb = values.double().requires_grad_(), emb.double().requires_grad_(differentiable_emb)
+    expected = reference_loss(densify(ref_values, indices, f), ref_emb)
+    expected.backward()
+
+    leaf, leaf_emb = values.to(device).requires_grad_(), emb.to(device).requires_grad_(differentiable_emb)
+    loss = mk.monoloss((leaf, indices.to(device)), leaf_emb, num_latents=f, backend=backend,
+                       differentiable_emb=differentiable_emb)
+    loss.backward()
+    assert abs(loss.item() - expected.item()) <= LOSS_ATOL
+    check_grad(leaf.grad.cpu(), ref_values.grad)
+    if differentiable_emb:
+        check_grad(leaf_emb.grad.cpu(), ref_emb.grad)
+
+
 def test_one_dominant_sample_emb_gradient():
     """A latent at 1.0 in one row and below 1e-5 in five others (κ ~ 1e5): the emb
     gradient too (differentiable_emb) is that of the definition."""
