@@ -68,9 +68,10 @@ class IeeeFloat32Matmuls {
   at::NoTF32Guard no_tf32_;
 };
 
-// 1 / ||emb[n]|| as float32 (the norm taken in float64): 0 for zero rows, NaN for
-// rows with NaN/Inf values or whose 1 / norm is not a normal float32, which makes
-// unit_emb_sum non-finite: the Python wrapper then refuses emb.
+// 1 / ||emb[n]|| as float32 (the norm in float64 where float32 squares could under-
+// or overflow): 0 for zero rows, NaN for rows with NaN/Inf values or whose 1 / norm
+// is not a normal float32, which makes unit_emb_sum non-finite: the Python wrapper
+// then refuses emb.
 at::Tensor row_inv_norm(const at::Tensor& emb);
 
 // Allocates the six outputs with their documented shapes and dtypes.

@@ -145,9 +145,21 @@ IeeeFloat32Matmuls::~IeeeFloat32Matmuls() {
 }
 
 at::Tensor row_inv_norm(const at::Tensor& emb) {
-  // The norm in float64: a float32 row at 1e-30 or 1e20, whose squares under- or
-  // overflow float32, is an ordinary row.
-  const at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, at::kDouble);
+  const at::ScalarType norm_dtype = at::promoteTypes(emb.scalar_type(), at::kFloat);
+  at::Tensor norm = at::linalg_vector_norm(emb, 2, {1}, false, norm_dtype).to(at::kDouble);
+  if (norm_dtype != at::kDouble) {
+    // Rows whose float32 norm is outside [2^-50, 2^50] (zero rows too) may have had
+    // their squares under- or overflow float32: a row at 1e-30 or 1e20 is an ordinary
+    // row. Their norms again in float64: on a GPU for every row (cheap there, and no
+    // host sync), on the CPU for those rows only (a 12x slower pass otherwise).
+    const at::Tensor suspect = (norm < 0x1p-50) | (norm > 0x1p50) | norm.isnan();
+    if (emb.is_cuda()) {
+      norm = at::where(suspect, at::linalg_vector_norm(emb, 2, {1}, false, at::kDouble), norm);
+    } else if (suspect.any().item<bool>()) {
+      const at::Tensor rows = suspect.nonzero().squeeze(1);
+      norm.index_put_({rows}, at::linalg_vector_norm(emb.index_select(0, rows), 2, {1}, false, at::kDouble));
+    }
+  }
   const at::Tensor inv_norm = at::where(norm > 0, norm.reciprocal(), at::zeros_like(norm)).to(at::kFloat);
   // NaN (not 0) for rows with NaN/Inf values or whose 1/norm is not a normal float32
   // (no float32 unit row), so that unit_emb_sum turns non-finite and the caller can

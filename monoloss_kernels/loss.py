@@ -34,7 +34,8 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
             `monoscore`, latents that one sample carries (κ > refine.KAPPA_MAX,
             monoloss_kernels/refine.py) get their float64 deflated scores instead of the
             one-pass ones, and their gradient is that of a float64 recomputation of
-            them (op refine_loss_scores; its backward costs O(N·d) per such latent).
+            them (op refine_loss_scores; its backward costs O(N·d) per such latent of
+            dense acts, O(d) per stored entry of sparse ones).
             Not with `distributed=True`: the refinement needs every rank's rows, so
             there those latents keep the one-pass form's error, about g·eps32·κ.
         differentiable_emb: also differentiate with respect to emb.
@@ -75,7 +76,12 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     elif num_rows >= 2:
         stats, cross_sq_at_min = loss_stats_function(backend, emb.device, sparse, differentiable_emb)(acts, emb)
         check_stats_finite(stats, emb)
-        scores = refine_loss(finalize(stats, cross_sq_at_min), acts, emb, stats)
+        scores = finalize(stats, cross_sq_at_min)
+        # Where no latent needs it (most batches), no refinement op: its backward returns
+        # a gradient for all of acts (zeros but for the refined latents' entries), which
+        # autograd then adds to the statistics' (of dense acts, 10% of a step).
+        if ill_conditioned_latents(stats).numel() > 0:
+            scores = refine_loss(scores, acts, emb, stats)
     else:
         check_finite(acts, emb)
         scores = None
