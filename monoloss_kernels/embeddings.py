@@ -210,15 +210,22 @@ def embed_images(images, *, model_name: str = "ViT-B-32", pretrained: str | os.P
     embeddings, labels, row = None, [], 0
     autocast = contextlib.nullcontext() if precision == "fp32" else \
         torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-    with torch.inference_mode(), autocast:
-        for pixels, batch_labels in progress_bar(loader, desc="embedding images", enabled=None if progress else False,
-                                                 total=len(loader)):
-            batch = model.encode_image(pixels.to(device, non_blocking=True)).float().cpu()
-            if embeddings is None:  # d is known from the first batch; all rows go into one buffer
-                embeddings = torch.empty(num_images, batch.shape[1], dtype=torch.float32)
-            embeddings[row:row + batch.shape[0]] = batch
-            row += batch.shape[0]
-            labels.extend(batch_labels)
+    # In eval mode (no dropout or stochastic depth: the same image, the same embedding),
+    # the caller's model handed back in the mode it came in.
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), autocast:
+            for pixels, batch_labels in progress_bar(loader, desc="embedding images",
+                                                     enabled=None if progress else False, total=len(loader)):
+                batch = model.encode_image(pixels.to(device, non_blocking=True)).float().cpu()
+                if embeddings is None:  # d is known from the first batch; all rows go into one buffer
+                    embeddings = torch.empty(num_images, batch.shape[1], dtype=torch.float32)
+                embeddings[row:row + batch.shape[0]] = batch
+                row += batch.shape[0]
+                labels.extend(batch_labels)
+    finally:
+        model.train(was_training)
     if embeddings is None or row != num_images:
         raise RuntimeError(f"images yielded {row} items but reported len() = {num_images}")
     if not bool(torch.isfinite(embeddings).all()):

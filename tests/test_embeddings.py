@@ -97,6 +97,31 @@ def test_flat_folder_equals_encode_image(tiny_clip, flat_folder):
     torch.testing.assert_close(got.embeddings, direct_embeddings(model, preprocess, paths), **FP32_TOL)
 
 
+class DropoutEncoder(torch.nn.Module):
+    """An image encoder with dropout: random in train mode, the identity in eval mode."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.dropout = model, torch.nn.Dropout(0.5)
+
+    def encode_image(self, pixels):
+        return self.dropout(self.model.encode_image(pixels))
+
+
+def test_model_in_train_mode_embeds_in_eval_mode(tiny_clip, flat_folder):
+    """A model passed in train mode (as open_clip.create_model_and_transforms returns it)
+    embeds in eval mode, deterministically, and is handed back in train mode."""
+    model, preprocess = tiny_clip
+    encoder = DropoutEncoder(model).train()
+    try:
+        got = embed_images(flat_folder, model=encoder, preprocess=preprocess, batch_size=3, progress=False)
+        assert encoder.training and model.training
+    finally:
+        encoder.eval()
+    expected = direct_embeddings(model, preprocess, sorted(flat_folder.glob("*.png")))
+    torch.testing.assert_close(got.embeddings, expected, **FP32_TOL)
+
+
 def test_class_folder_gives_labels(tiny_clip, class_folder):
     model, preprocess = tiny_clip
     emb, labels = embed_images(class_folder, model=model, preprocess=preprocess, batch_size=4, progress=False)
