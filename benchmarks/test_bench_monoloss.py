@@ -1,6 +1,7 @@
 """MonoLoss forward + backward: ours against the published algorithm differentiated by
 torch autograd (the peer), its torch.compile version, and the two bare GEMMs every exact
-method pays for (ÊᵀA forward, Ê·G backward); dense and TopK activations.
+method pays for (ÊᵀA forward, Ê·G backward); dense and TopK activations, and a heavy-tailed
+TopK batch whose rare latents are refined.
 
     pytest benchmarks/test_bench_monoloss.py --benchmark-only [--profile quick|full]
 
@@ -14,10 +15,14 @@ import torch
 import torch.nn.functional as F
 
 import monoloss_kernels
+from monoloss_kernels._dispatch import stats_function
+from monoloss_kernels._validate import validate_acts
 from monoloss_kernels.reference import published_monoloss
+from monoloss_kernels.refine import ill_conditioned_latents
 
 from .common import DEVICE, OURS_PREFIX, make_embeddings, our_backends
 from .conftest import COMPILED_PEER, GEMM, PEER, device_name
+from .test_bench_topk import TopKCase, heavy_tailed_topk
 
 NUM_ROWS, NUM_LATENTS, DIM, K = 4096, 8192, 768, 64
 # Timed rounds per method; the slowest (the peer, the SAE step) take ~2 s a call on the 2-core CPU.
@@ -118,6 +123,37 @@ def test_monoloss_speed(batch, form, method, measure, rounds):
         extra_info["saved_for_backward_mib"] = saved_for_backward_mib(loss)
     measure(step, device=DEVICE, group=group, method=method, rounds=rounds,
             gemm_flops=4 * NUM_ROWS * NUM_LATENTS * DIM, extra_info=extra_info)
+
+
+@pytest.mark.parametrize("method", [OURS_PREFIX + b for b in our_backends(DEVICE)
+                                    if not (DEVICE.type == "cpu" and b == "torch")] + [PEER])
+def test_monoloss_heavy_tailed(method, measure, rounds):
+    """TopK MonoLoss forward + backward on a batch like a trained SAE's (Zipf latent
+    frequencies, values Exp(1)^3: test_bench_topk.heavy_tailed_topk), where many rare
+    latents are carried by one sample: ours refines them (refine_loss_scores, its
+    backward from their entries), the peer's one-pass float32 form does not. Reports the
+    refined latents and each method's loss error against the float64 closed form."""
+    case = TopKCase(NUM_ROWS, NUM_LATENTS, K, DIM, rounds=0, gemm_rounds=0, peer_rounds=0, pairwise=False)
+    values, indices, emb = heavy_tailed_topk(case, torch.Generator(device=DEVICE).manual_seed(0))
+    values.requires_grad_()
+    batch = {"values": values, "indices": indices, "emb": emb}
+    loss = loss_fn(method, "topk", batch)
+
+    def step():
+        values.grad = None
+        loss().backward()
+
+    dense = torch.zeros(NUM_ROWS, NUM_LATENTS, device=DEVICE).scatter(1, indices, values.detach())
+    reference = published_monoloss(dense.double(), emb.double()).item()
+    pair, unit_emb = validate_acts((values.detach(), indices), emb, NUM_LATENTS)
+    refined = ill_conditioned_latents(stats_function("auto", DEVICE, True)(pair, unit_emb)).numel()
+    extra_info = {"shape": {"N": NUM_ROWS, "M": NUM_LATENTS, "d": DIM, "k": K}, "dtype": "float32",
+                  "device": device_name(DEVICE), "refined_latents": refined,
+                  "max_abs_error": abs(loss().item() - reference)}
+    if method.startswith(OURS_PREFIX):
+        assert extra_info["max_abs_error"] <= LOSS_ATOL
+    measure(step, device=DEVICE, group=f"monoloss-heavy-tailed-B{NUM_ROWS}-M{NUM_LATENTS}-k{K}-d{DIM}-float32-fwd+bwd",
+            method=method, rounds=rounds, gemm_flops=4 * NUM_ROWS * NUM_LATENTS * DIM, extra_info=extra_info)
 
 
 SAE_K = 64
