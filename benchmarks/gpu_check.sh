@@ -10,9 +10,10 @@
 #   GPU_CHECK_TESTS="tests/test_autograd.py tests/test_backward.py tests/test_loss.py" \
 #     GPU_CHECK_BENCH=benchmarks/test_bench_monoloss.py GPU_CHECK_PROFILE=quick bash benchmarks/gpu_check.sh
 #   # next GPU session (never run on a GPU yet: the cuBLAS SGEMM statistics, the finalize_scores
-#   # kernels, the matmul-precision guard, the float64 recomputation of ill-conditioned latents):
+#   # kernels, the matmul-precision guard, the float64 recomputation of ill-conditioned latents
+#   # in MonoScore and MonoLoss, the float64 norms of extreme embedding rows):
 #   # their tests, then MonoScore and MonoLoss timings
-#   GPU_CHECK_TESTS="tests/test_monoscore.py tests/test_sparse.py tests/test_refine.py tests/test_loss.py tests/test_ops.py" GPU_CHECK_TESTS_S=240 \
+#   GPU_CHECK_TESTS="tests/test_monoscore.py tests/test_sparse.py tests/test_refine.py tests/test_loss.py tests/test_ops.py tests/test_validate.py" GPU_CHECK_TESTS_S=240 \
 #     GPU_CHECK_BENCH="benchmarks/test_bench_monoscore.py benchmarks/test_bench_monoloss.py" \
 #     GPU_CHECK_PROFILE=quick GPU_CHECK_BENCH_S=240 bash benchmarks/gpu_check.sh
 #
