@@ -5,7 +5,8 @@ from torch import Tensor, nn
 
 from ._dispatch import check_backend, loss_stats_function, stats_function
 from ._validate import _check_num_latents, check_finite, check_stats_finite, validate_acts
-from .refine import block_deflated_scores, ill_conditioned_latents, refine_ill_conditioned
+from .refine import (_inverse_norms, block_deflated_scores, csr_entry_positions, ill_conditioned_latents,
+                     refine_ill_conditioned)
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
@@ -287,9 +288,8 @@ def refined_scores_of_columns(columns: Tensor, unit: Tensor, unit_weight: Tensor
 def _unit_rows64(emb: Tensor) -> tuple[Tensor, Tensor]:
     """float64 unit rows of emb (0 for a zero row), differentiable, and their ‖ê‖² (1 or 0)."""
     x = emb.double()
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    nonzero = norm > 0
-    return torch.where(nonzero, x / torch.where(nonzero, norm, 1.0), 0.0), nonzero[:, 0].double()
+    inv_norm = _inverse_norms(x)
+    return x * inv_norm[:, None], (inv_norm > 0).double()
 
 
 def refined_scores_of_entries(rows: Tensor, local: Tensor, values: Tensor, count: Tensor, act_range: Tensor,
@@ -399,11 +399,8 @@ def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Ten
         return blocks + [latents[start:]]
 
     def entries_of(block):
-        local_of = torch.full((num_latents,), -1, device=block.device, dtype=torch.int64)
-        local_of[block] = torch.arange(block.numel(), device=block.device)
-        local = local_of[col_indices]
-        keep = (local >= 0).nonzero().squeeze(1)
-        block_rows, block_local = rows[keep], local[keep]
+        keep, block_local = csr_entry_positions(col_indices, num_latents, block)
+        block_rows = rows[keep]
         count, block_range = entries_per_latent[block], act_range[:, block]
 
         def scores_of(entries, e, unit_rows):
