@@ -376,20 +376,26 @@ def check_finite(acts: Tensor | CsrActs, emb: Tensor) -> None:
         raise ValueError("emb contains NaN or Inf values")
 
 
+def stats_flags(stats) -> Tensor:
+    """What `check_stats_finite` checks, as a (3,) bool tensor and without a host sync:
+    [acts fit the float32 sums, acts finite, every emb row has a float32 unit row]."""
+    act_min, act_max = stats.act_range.double()
+    act_span, sumsq = act_max - act_min, stats.moments[1]
+    # Non-finite values (an Inf in acts) are left to the NaN/Inf flag.
+    too_large = (torch.isfinite(act_span) & (act_span > FLOAT32_SUM_LIMIT)) | (
+        torch.isfinite(sumsq) & (torch.sqrt(stats.counts[0] * sumsq) > FLOAT32_SUM_LIMIT))
+    return torch.stack([~too_large.any(), torch.isfinite(stats.moments).all(),
+                        torch.isfinite(stats.unit_emb_sum).all()])
+
+
 def check_stats_finite(stats, emb: Tensor) -> None:
     """Refuses NaN/Inf inputs after the kernels, from the small statistics, so that
     acts is read once: its float64 moments are finite iff acts is (|b|² < 1e77 for
     float32 b), and unit_emb_sum iff every emb row has a float32 unit row (`row_inv_norm`).
     Also refuses finite acts too large for the kernels' float32 sums: a latent's range,
     or the bound sqrt(N·Σb²) on its entries of Σ Ê b, above FLOAT32_SUM_LIMIT."""
-    act_min, act_max = stats.act_range.double()
-    act_span, sumsq = act_max - act_min, stats.moments[1]
-    # Non-finite values (an Inf in acts) are left to the NaN/Inf check below.
-    too_large = (torch.isfinite(act_span) & (act_span > FLOAT32_SUM_LIMIT)) | (
-        torch.isfinite(sumsq) & (torch.sqrt(stats.counts[0] * sumsq) > FLOAT32_SUM_LIMIT))
     # The flags in one read: on a GPU each read waits for the queued work.
-    fits, acts_finite, emb_finite = torch.stack([~too_large.any(), torch.isfinite(stats.moments).all(),
-                                                 torch.isfinite(stats.unit_emb_sum).all()]).tolist()
+    fits, acts_finite, emb_finite = stats_flags(stats).tolist()
     if not fits:
         raise ValueError(
             f"acts has values too large for the float32 sums (a latent's range or sums above "
@@ -404,3 +410,23 @@ def check_stats_finite(stats, emb: Tensor) -> None:
             "emb has rows too large or too small to normalise in float32 (norm above ~8.5e37 "
             "or below ~2.9e-39); rescale emb (cosine similarity does not depend on the scale of a row)"
         )
+
+
+# What each `stats_flags` flag refuses, as a rank's batch names it to the other ranks.
+STATS_FLAG_PROBLEMS = ("acts too large for the float32 sums", "acts with NaN or Inf values",
+                       "emb with NaN or Inf values or rows too large or too small to normalise in float32")
+
+
+def check_ranks_stats_finite(stats, emb: Tensor, problems: list[list[float]], rank: int) -> None:
+    """Under distributed=True, every rank refuses the global batch when any rank's part
+    is refused: `problems[r][i]` is nonzero where rank r's `stats_flags` flag i failed
+    (all-reduced, so every rank holds the same table and raises after the same
+    collectives, none left waiting). The failing rank raises `check_stats_finite`'s
+    message; the others name the ranks and what their parts hold."""
+    if not any(any(row) for row in problems):
+        return
+    if any(problems[rank]):
+        check_stats_finite(stats, emb)
+    found = "; ".join(f"{what} on rank(s) {[r for r, row in enumerate(problems) if row[i]]}"
+                      for i, what in enumerate(STATS_FLAG_PROBLEMS) if any(row[i] for row in problems))
+    raise ValueError(f"the global batch is refused: another rank's part has {found} (ranks of the group)")

@@ -4,7 +4,8 @@ import torch
 from torch import Tensor, nn
 
 from ._dispatch import check_backend, loss_stats_function, stats_function
-from ._validate import _check_num_latents, check_finite, check_stats_finite, validate_acts
+from ._validate import (_check_num_latents, check_finite, check_ranks_stats_finite, check_stats_finite, stats_flags,
+                        validate_acts)
 from .refine import (_inverse_norms, block_deflated_scores, csr_entry_positions, ill_conditioned_latents,
                      refine_ill_conditioned)
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
@@ -50,6 +51,8 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
             by world_size: write `coef * world_size * monoloss(...)` to train as one
             process with `coef` would (the full gradient is the sum over ranks; DDP
             averages), as for `dataset_monoloss_backward`'s scale.
+            A part refused (NaN/Inf, or acts too large) on any rank makes every rank
+            raise ValueError, after the same collectives, so ranks stay in step.
         group: a torch.distributed ProcessGroup, only with `distributed=True` (a group
             without it raises ValueError rather than silently giving each rank its
             local loss).
@@ -69,8 +72,8 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
     num_rows, num_latents = (acts.num_rows, acts.num_latents) if sparse else acts.shape
     values = acts.values if sparse else acts
     if distributed:
-        stats = _local_stats(acts, emb, backend, sparse, num_rows)
-        stats, num_rows = _all_reduce_stats(stats, acts, num_rows, group)
+        local_stats = _local_stats(acts, emb, backend, sparse, num_rows)
+        stats, num_rows = _all_reduce_stats(local_stats, acts, emb, num_rows, group)
         # The all-reduced sums are float64 (moved onto the common shift); the scores
         # and the loss are float32 on every path.
         scores = finalize(stats).float() if num_rows >= 2 else None
@@ -146,19 +149,22 @@ def _check_group(group, distributed: bool) -> None:
 
 
 def _local_stats(acts, emb: Tensor, backend: str, sparse: bool, num_rows: int) -> MonoScoreStats:
-    """This rank's statistics; an empty part gives zero sums and an empty range."""
+    """This rank's statistics, not yet checked (`_all_reduce_stats` checks every rank's
+    at once); an empty part gives zero sums and an empty range."""
     if num_rows > 0:
-        stats = stats_function(backend, emb.device, sparse)(acts, emb)
-        check_stats_finite(stats, emb)
-        return stats
+        return stats_function(backend, emb.device, sparse)(acts, emb)
     num_latents = acts.num_latents if sparse else acts.shape[1]
     zero = _graph_zero(acts.values if sparse else acts, emb)
     empty = empty_batch_stats(num_latents, emb.shape[1], emb.device)
     return empty._replace(cross=empty.cross + zero, act_range=empty.act_range + zero, moments=empty.moments + zero)
 
 
-def _all_reduce_stats(stats: MonoScoreStats, acts, num_rows: int, group):
+def _all_reduce_stats(stats: MonoScoreStats, acts, emb: Tensor, num_rows: int, group):
     """The statistics of the global batch on every rank, differentiable for this rank's part.
+
+    Every rank's part is checked (`stats_flags`) in the same SUM as the sums, and every
+    rank raises if any part is refused: a rank raising alone, before the collectives,
+    would leave the others failing in gloo or waiting out the NCCL timeout.
 
     Sums: every rank moves its sums onto the global minimum (a common shift), then a SUM
     whose backward is the identity: each rank's loss is the global loss, and the
@@ -185,8 +191,14 @@ def _all_reduce_stats(stats: MonoScoreStats, acts, num_rows: int, group):
     moved = reshift(stats, common_shift)
     sums = [moved.cross, moved.unit_emb_sum, moved.moments, moved.counts]
     flat = torch.cat([t.flatten() for t in sums])
-    total = flat.detach().clone()
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    problems = torch.zeros(world_size, 3, dtype=flat.dtype, device=flat.device)
+    if num_rows > 0:
+        problems[rank] = (~stats_flags(stats)).to(flat.dtype)
+    total = torch.cat([flat.detach(), problems.flatten()])
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    total, problems = total.split([flat.numel(), problems.numel()])
+    check_ranks_stats_finite(stats, emb, problems.view(world_size, 3).tolist(), rank)
     flat = flat + (total - flat.detach())  # forward: the global sum; backward: identity
     cross, unit_emb_sum, moments, counts = flat.split([t.numel() for t in sums])
     num_latents = stats.shift.shape[0]

@@ -493,6 +493,25 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         part_values = values[rows].clone().requires_grad_()
         topk_loss = mk.monoloss((part_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
         topk_loss.backward()
+        # A part refused on one rank is refused on every rank, after the same collectives:
+        # the failing rank with its own message, the others naming it (no rank left
+        # waiting; the next call below still meets the same collectives on every rank).
+        nan_acts = acts[rows].clone()
+        if rank == 1:
+            nan_acts[3, 5] = float("nan")
+        expected = "acts contains NaN or Inf" if rank == 1 else r"acts with NaN or Inf values on rank\(s\) \[1\]"
+        with pytest.raises(ValueError, match=expected):
+            mk.monoloss(nan_acts, emb[rows], distributed=True)
+        huge_emb = emb[rows].clone()
+        if rank == 0:
+            huge_emb[2] = float("inf")
+        expected = "emb contains NaN or Inf" if rank == 0 else r"emb with NaN or Inf values .* on rank\(s\) \[0\]"
+        with pytest.raises(ValueError, match=expected):
+            mk.monoloss((values[rows], indices[rows]), huge_emb, num_latents=13, distributed=True)
+        big_values = values[rows] * (1e37 if rank == 1 else 1.0)
+        expected = "too large for the float32 sums" if rank == 1 else r"acts too large .* on rank\(s\) \[1\]"
+        with pytest.raises(ValueError, match=expected):
+            mk.monoloss((big_values, indices[rows]), emb[rows], num_latents=13, distributed=True)
         scores = mk.monoloss(acts[rows], emb[rows], distributed=True, reduction="none")
         torch.save({"loss": loss.detach(), "grad": part.grad, "topk_loss": topk_loss.detach(),
                     "topk_grad": part_values.grad, "scores": scores}, os.path.join(out_dir, f"rank{rank}.pt"))
