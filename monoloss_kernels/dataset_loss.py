@@ -29,9 +29,10 @@ from torch import Tensor
 
 from . import _autograd
 from ._progress import progress_bar
-from ._validate import validate_acts
+from ._dispatch import stats_function
+from ._validate import check_stats_finite, validate_acts
 from .accumulator import MonoScoreAccumulator
-from .loss import _local_stats, _ties
+from .loss import _ties
 from .stats import CsrActs, finalize
 
 
@@ -151,7 +152,8 @@ def dataset_monoloss_backward(
             accumulator._check_batch(acts, emb)
             if num_rows == 0:
                 continue
-            stats = _local_stats(acts, emb, backend, isinstance(acts, CsrActs), num_rows)
+            stats = stats_function(backend, emb.device, isinstance(acts, CsrActs))(acts, emb)
+            check_stats_finite(stats, emb)
             accumulator._add(stats, num_rows)
             extremes.update(acts, stats.act_range, num_rows)
     if accumulator is None:
