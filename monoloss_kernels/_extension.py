@@ -127,6 +127,19 @@ def release_cpu_buffers() -> int:
     return torch.ops.monoloss_kernels.release_pooled_buffers()
 
 
+# What the CSR kernels' vector width (csrc/cpu/vectorize.h) says of the CPU target they run.
+CPU_ISA_OF_VECTOR_WIDTH = {16: "avx512", 8: "avx2", 4: "baseline"}
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels of sparse activations run with: "avx512",
+    "avx2" (with FMA) or "baseline", the widest the CPU has unless MONOLOSS_CPU_ISA
+    caps it ("avx2" or "baseline"); None without the extension."""
+    if EXTENSION_ERROR is not None:
+        return None
+    return CPU_ISA_OF_VECTOR_WIDTH[torch.ops.monoloss_kernels.cpu_vector_width()]
+
+
 def build_info() -> dict:
     """How this installation was built and what it can run, for bug reports and checks.
 
@@ -139,6 +152,7 @@ def build_info() -> dict:
         extension_loaded: whether monoloss_kernels._C loaded;
         load_error: the import error of _C ("ImportError: ... undefined symbol ..."), or None;
         kernels: {"cpu": bool, "cuda": bool}, the C++ kernels registered;
+        cpu_isa: what `cpu_isa()` gives;
         backends: {"cpu": [...], "cuda": [...]}, what `available_backends` gives per device,
             in order of preference ("cuda": [] without a visible GPU);
         triton_error: why the Triton backend is unavailable, or None;
@@ -153,6 +167,7 @@ def build_info() -> dict:
         "extension_loaded": EXTENSION_ERROR is None,
         "load_error": LOAD_ERROR,
         "kernels": {"cpu": has_kernel("CPU"), "cuda": has_kernel("CUDA")},
+        "cpu_isa": cpu_isa(),
         "backends": {
             "cpu": available_backends(torch.device("cpu")),
             "cuda": available_backends(torch.device("cuda")) if torch.cuda.is_available() else [],

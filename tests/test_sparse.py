@@ -237,3 +237,32 @@ def test_recomputed_latent_whose_max_is_an_implicit_zero(backend_device):
     emb = make_emb("zero_dup", n, d, gen).float()
     scores = mk.monoscore(csr.to(device), emb.to(device), backend=backend)
     check_scores(scores, dense.float(), emb, torch.float32)
+
+
+ISA_ORDER = ("baseline", "avx2", "avx512")
+
+
+@pytest.mark.skipif(mk._extension.EXTENSION_ERROR is not None, reason="the C++ extension did not load")
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_cpu_sparse_kernels_at_a_narrower_isa(isa):
+    """The CSR kernels are templates on the vector width, one per target
+    (csrc/cpu/vectorize.h), and the CPU picks the widest it has: MONOLOSS_CPU_ISA runs
+    a narrower one, and the sparse and TopK-loss tests pass with it too (against the
+    float64 pairwise definition and the float64 closed form, as here)."""
+    import os
+    import subprocess
+    import sys
+
+    native = mk._extension.cpu_isa()
+    if ISA_ORDER.index(isa) >= ISA_ORDER.index(native):
+        pytest.skip(f"this CPU's widest is {native}: the other tests run {native}")
+    env = {**os.environ, "MONOLOSS_CPU_ISA": isa}
+    shown = subprocess.run([sys.executable, "-c", "import monoloss_kernels as mk; print(mk.build_info()['cpu_isa'])"],
+                           env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == isa
+    tests = ["tests/test_sparse.py", "tests/test_backward.py", "tests/test_loss.py::test_topk_loss_and_gradient",
+             "tests/test_loss.py::test_fused_cpu_topk_loss_over_row_blocks_and_tiles"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests,
+                             "-k", "not triton and not narrower_isa"],
+                            env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

@@ -29,6 +29,9 @@ namespace monoloss_kernels {
 
 constexpr int64_t kTileWidth = 64;  // dims per tile row: four cache lines
 constexpr int64_t kTileLines = kTileWidth / kLineFloats;
+// Vectors of W floats per tile row, in the kernels templated on W (vectorize.h).
+template <int W>
+constexpr int kTileVecs = kTileWidth / W;
 constexpr int64_t kBlockRows = 8192;
 // How many entries ahead the kernels fetch tile rows: a tile row is four lines
 // the hardware prefetcher cannot predict (the rows are in no order across
@@ -258,31 +261,39 @@ constexpr int64_t kRowsPerPartial = 64;
 // is null. Each thread builds the tile it reads into its own buffer: the tile
 // is then in that core's L2 when the entries start reading it, and no
 // all-tiles copy is written.
-MONOLOSS_VECTOR_CLONES
-void build_unit_tile(const float* __restrict__ emb, const float* __restrict__ inv_norm, int64_t row_base,
-                     int64_t rows, int64_t d, int64_t t, float* __restrict__ tile, double* __restrict__ tile_sum) {
+template <int W>
+MONOLOSS_VECTOR_INLINE void build_unit_tile_at(const float* __restrict__ emb, const float* __restrict__ inv_norm,
+                                               int64_t row_base, int64_t rows, int64_t d, int64_t t,
+                                               float* __restrict__ tile, double* __restrict__ tile_sum) {
   const int64_t dim0 = t * kTileWidth, width = std::min(kTileWidth, d - dim0);
   if (tile_sum != nullptr) std::fill(tile_sum, tile_sum + kTileWidth, 0.0);
   for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPartial) {
-    LineVec partial[kTileLines] = {};
+    Vec<W> partial[kTileVecs<W>] = {};
     for (int64_t r = r0; r < std::min(r0 + kRowsPerPartial, rows); ++r) {
       const float* src = emb + (row_base + r) * d + dim0;
       const float scale = inv_norm[row_base + r];
-      for (int64_t l = 0; l < kTileLines; ++l) {
-        const int64_t line_width = width - l * kLineFloats;
-        LineVec unit = {};
-        if (line_width >= kLineFloats) {
-          unit = load_line(src + l * kLineFloats) * scale;
+      for (int64_t v = 0; v < kTileVecs<W>; ++v) {
+        const int64_t vec_width = width - v * W;
+        Vec<W> unit = {};
+        if (vec_width >= W) {
+          unit = load_vec<W>(src + v * W) * scale;
         } else {
-          for (int64_t i = 0; i < line_width; ++i) unit[i] = src[l * kLineFloats + i] * scale;
+          for (int64_t i = 0; i < vec_width; ++i) unit[i] = src[v * W + i] * scale;
         }
-        store_line(tile + r * kTileWidth + l * kLineFloats, unit);
-        partial[l] += unit;
+        store_vec<W>(tile + r * kTileWidth + v * W, unit);
+        partial[v] += unit;
       }
     }
     if (tile_sum == nullptr) continue;
-    for (int64_t i = 0; i < width; ++i) tile_sum[i] += partial[i / kLineFloats][i % kLineFloats];
+    for (int64_t i = 0; i < width; ++i) tile_sum[i] += partial[i / W][i % W];
   }
+}
+
+inline void build_unit_tile(const float* emb, const float* inv_norm, int64_t row_base, int64_t rows, int64_t d,
+                            int64_t t, float* tile, double* tile_sum) {
+  with_vector_width([&](auto width) MONOLOSS_VECTOR_LAMBDA {
+    build_unit_tile_at<decltype(width)::value>(emb, inv_norm, row_base, rows, d, t, tile, tile_sum);
+  });
 }
 
 }  // namespace

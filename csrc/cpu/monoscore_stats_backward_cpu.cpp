@@ -145,19 +145,33 @@ struct CrossGrad {
 // (dims [dim0, dim0 + width), zero past them, where the tile is zero too);
 // unless unit_dots is null, also unit_dots[j] += unit_sumᵀ g (G formed from
 // cross), for every latent, entries or not.
-MONOLOSS_VECTOR_CLONES
-void add_tile_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
-                   const float* __restrict__ tile, const CrossGrad& grad, int64_t dim0, int64_t width, int64_t j0,
-                   int64_t j1, float* __restrict__ dots, double* __restrict__ unit_dots) {
+template <int W>
+MONOLOSS_VECTOR_INLINE void add_tile_dots_at(const int64_t* __restrict__ latent_offsets,
+                                             const int32_t* __restrict__ rows, const float* __restrict__ tile,
+                                             const CrossGrad& grad, int64_t dim0, int64_t width, int64_t j0,
+                                             int64_t j1, float* __restrict__ dots, double* __restrict__ unit_dots) {
+  constexpr int kVecs = kTileVecs<W>;
   const bool contiguous = grad.stride_dim == 1 && width == kTileWidth;
   const float* x = grad.x + dim0 * grad.stride_dim;
   const bool formed = grad.unit_sum != nullptr;
-  LineVec unit[kTileLines] = {};  // this tile's dims of unit_sum, zero past width
+  Vec<W> unit[kVecs] = {};  // this tile's dims of unit_sum, zero past width
   if (formed) {
-    for (int64_t i = 0; i < width; ++i) unit[i / kLineFloats][i % kLineFloats] = grad.unit_sum[dim0 + i];
+    for (int64_t i = 0; i < width; ++i) unit[i / W][i % W] = grad.unit_sum[dim0 + i];
   }
-  LineVec products[kLineFloats];
+  // The products of up to kLineFloats entries, reduced together by lane_sums.
+  Vec<W> products[kLineFloats];
   int64_t pending = 0, first = latent_offsets[j0];  // products[0, pending) belong to dots[first, ...)
+  const auto add_sums = [&](int64_t count) MONOLOSS_VECTOR_LAMBDA {
+    for (int64_t i = count; i < kLineFloats; ++i) products[i] = Vec<W>{};
+    lane_sums<W>(products);  // entry first + i's dot in products[i / W][i % W]
+    if (count == kLineFloats) {
+      for (int64_t v = 0; v < kLineFloats / W; ++v) {
+        store_vec<W>(dots + first + v * W, load_vec<W>(dots + first + v * W) + products[v]);
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) dots[first + i] += products[i / W][i % W];
+    }
+  };
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
     if (p0 == p1 && unit_dots == nullptr) continue;
@@ -165,39 +179,45 @@ void add_tile_dots(const int64_t* __restrict__ latent_offsets, const int32_t* __
     // as the hardware prefetcher does not cross pages.
     const float* ahead = x + std::min(j + kPrefetchLatents, j1 - 1) * grad.stride_latent;
     for (int64_t l = 0; l < kTileLines; ++l) __builtin_prefetch(ahead + l * kLineFloats * grad.stride_dim);
-    LineVec g[kTileLines] = {};
+    Vec<W> g[kVecs] = {};
     if (contiguous) {
-      for (int64_t l = 0; l < kTileLines; ++l) g[l] = load_line(x + j * grad.stride_latent + l * kLineFloats);
+      for (int64_t v = 0; v < kVecs; ++v) g[v] = load_vec<W>(x + j * grad.stride_latent + v * W);
     } else {
-      for (int64_t i = 0; i < width; ++i) {
-        g[i / kLineFloats][i % kLineFloats] = x[i * grad.stride_dim + j * grad.stride_latent];
-      }
+      for (int64_t i = 0; i < width; ++i) g[i / W][i % W] = x[i * grad.stride_dim + j * grad.stride_latent];
     }
     if (formed) {
-      for (int64_t l = 0; l < kTileLines; ++l) g[l] = grad.weight[j] * (g[l] - grad.delta[j] * unit[l]);
+      for (int64_t v = 0; v < kVecs; ++v) g[v] = grad.weight[j] * (g[v] - grad.delta[j] * unit[v]);
     }
     if (unit_dots != nullptr) {
-      const LineVec unit_products = (unit[0] * g[0] + unit[1] * g[1]) + (unit[2] * g[2] + unit[3] * g[3]);
+      Vec<W> unit_products[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v) unit_products[v] = unit[v] * g[v];
+      const Vec<W> lanes = tree_sum<W, kVecs>(unit_products);
       float sum = 0;
-      for (int64_t i = 0; i < kLineFloats; ++i) sum += unit_products[i];
+      for (int64_t i = 0; i < W; ++i) sum += lanes[i];
       unit_dots[j] += sum;
     }
     for (int64_t p = p0; p < p1; ++p) {
       prefetch_tile_row(tile, rows, p);
       const float* row = tile + int64_t{rows[p]} * kTileWidth;
-      products[pending++] = (load_line(row) * g[0] + load_line(row + kLineFloats) * g[1]) +
-                            (load_line(row + 2 * kLineFloats) * g[2] + load_line(row + 3 * kLineFloats) * g[3]);
+      Vec<W> row_products[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v) row_products[v] = load_vec<W>(row + v * W) * g[v];
+      products[pending++] = tree_sum<W, kVecs>(row_products);
       if (pending == kLineFloats) {
-        store_line(dots + first, load_line(dots + first) + lane_sums(products));
+        add_sums(kLineFloats);
         first += kLineFloats;
         pending = 0;
       }
     }
   }
-  if (pending == 0) return;
-  for (int64_t i = pending; i < kLineFloats; ++i) products[i] = LineVec{};
-  const LineVec sums = lane_sums(products);
-  for (int64_t i = 0; i < pending; ++i) dots[first + i] += sums[i];
+  if (pending > 0) add_sums(pending);
+}
+
+void add_tile_dots(const int64_t* latent_offsets, const int32_t* rows, const float* tile, const CrossGrad& grad,
+                   int64_t dim0, int64_t width, int64_t j0, int64_t j1, float* dots, double* unit_dots) {
+  with_vector_width([&](auto vector_width) MONOLOSS_VECTOR_LAMBDA {
+    add_tile_dots_at<decltype(vector_width)::value>(latent_offsets, rows, tile, grad, dim0, width, j0, j1, dots,
+                                                    unit_dots);
+  });
 }
 
 }  // namespace

@@ -40,6 +40,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace monoloss_kernels {
@@ -52,29 +53,30 @@ constexpr int64_t kEntriesPerPartial = 64;
 // few tiles still keep every thread busy).
 constexpr int64_t kLatentsPerTask = 2048;
 
-// partial[l] = Σ_{p in [p0, p1)} weights[p] · tile[rows[p]] (line l of the row),
-// in float32; two entries at a time, so that consecutive entries do not wait on
-// one another's FMA latency.
+// partial[v] = Σ_{p in [p0, p1)} weights[p] · tile[rows[p]] (vector v of the
+// row), in float32; two entries at a time, so that consecutive entries do not
+// wait on one another's FMA latency.
+template <int W>
 MONOLOSS_VECTOR_INLINE void tile_row_sums(const int32_t* __restrict__ rows, const float* __restrict__ weights,
                                           const float* __restrict__ tile, int64_t p0, int64_t p1,
-                                          LineVec* partial) {
-  LineVec even[kTileLines] = {}, odd[kTileLines] = {};
+                                          Vec<W>* partial) {
+  Vec<W> even[kTileVecs<W>] = {}, odd[kTileVecs<W>] = {};
   int64_t p = p0;
   for (; p + 2 <= p1; p += 2) {
     prefetch_tile_row(tile, rows, p);
     prefetch_tile_row(tile, rows, p + 1);
     const float* row0 = tile + int64_t{rows[p]} * kTileWidth;
     const float* row1 = tile + int64_t{rows[p + 1]} * kTileWidth;
-    for (int64_t l = 0; l < kTileLines; ++l) {
-      even[l] += weights[p] * load_line(row0 + l * kLineFloats);
-      odd[l] += weights[p + 1] * load_line(row1 + l * kLineFloats);
+    for (int64_t v = 0; v < kTileVecs<W>; ++v) {
+      even[v] += weights[p] * load_vec<W>(row0 + v * W);
+      odd[v] += weights[p + 1] * load_vec<W>(row1 + v * W);
     }
   }
   if (p < p1) {
     const float* row = tile + int64_t{rows[p]} * kTileWidth;
-    for (int64_t l = 0; l < kTileLines; ++l) even[l] += weights[p] * load_line(row + l * kLineFloats);
+    for (int64_t v = 0; v < kTileVecs<W>; ++v) even[v] += weights[p] * load_vec<W>(row + v * W);
   }
-  for (int64_t l = 0; l < kTileLines; ++l) partial[l] = even[l] + odd[l];
+  for (int64_t v = 0; v < kTileVecs<W>; ++v) partial[v] = even[v] + odd[v];
 }
 
 // What the cross pass needs to also give, tile by tile, each latent's share of
@@ -87,63 +89,91 @@ struct TileSqNorms {
   double* out;                             // (M,) this tile's share, squares summed in float64
 };
 
+// The lanes I of v (a shuffle with a constant index list).
+template <int W, int... I>
+MONOLOSS_VECTOR_INLINE auto lanes(Vec<W> v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, I...);
+}
+template <int Offset, int... I>
+constexpr std::integer_sequence<int, (Offset + I)...> shifted(std::integer_sequence<int, I...>) {
+  return {};
+}
+
+template <int N>
+struct DoubleVecOf {
+  typedef double type __attribute__((vector_size(N * sizeof(double))));
+};
+
 // Σ_i ((x_i - delta·u_i) · inv_scale)² over a tile row, in float64 (as
 // shifted_sq_norms sums its squares).
-MONOLOSS_VECTOR_INLINE double shifted_tile_sq_norm(const LineVec* x, const float* unit_sum, float delta,
+template <int W>
+MONOLOSS_VECTOR_INLINE double shifted_tile_sq_norm(const Vec<W>* x, const float* unit_sum, float delta,
                                                    float inv_scale) {
-  typedef double HalfLine __attribute__((vector_size(kLineFloats / 2 * sizeof(double))));
-  HalfLine total = {};
-  for (int64_t l = 0; l < kTileLines; ++l) {
-    const LineVec c = (x[l] - delta * load_line(unit_sum + l * kLineFloats)) * inv_scale;
-    const HalfLine low = __builtin_convertvector(__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7), HalfLine);
-    const HalfLine high =
-        __builtin_convertvector(__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15), HalfLine);
+  using Half = typename DoubleVecOf<W / 2>::type;
+  constexpr auto low_lanes = std::make_integer_sequence<int, W / 2>{};
+  constexpr auto high_lanes = shifted<W / 2>(low_lanes);
+  Half total = {};
+  for (int64_t v = 0; v < kTileVecs<W>; ++v) {
+    const Vec<W> c = (x[v] - delta * load_vec<W>(unit_sum + v * W)) * inv_scale;
+    const Half low = __builtin_convertvector(lanes<W>(c, low_lanes), Half);
+    const Half high = __builtin_convertvector(lanes<W>(c, high_lanes), Half);
     total += low * low + high * high;
   }
   double sum = 0;
-  for (int64_t i = 0; i < kLineFloats / 2; ++i) sum += total[i];
+  for (int64_t i = 0; i < W / 2; ++i) sum += total[i];
   return sum;
 }
 
 // cross_t[j, t0:t0+width) for the latents [j0, j1), reading one tile of the
 // block's unit embeddings; adds to what is there if `accumulate`. With `sq`
 // (the last block), also each latent's share of the shifted squared norm.
-MONOLOSS_VECTOR_CLONES
-void latent_tile_sums(const int64_t* __restrict__ latent_offsets, const int32_t* __restrict__ rows,
-                      const float* __restrict__ weights, const float* __restrict__ tile, int64_t j0,
-                      int64_t j1, float* __restrict__ out, int64_t out_stride, int64_t width,
-                      bool accumulate, const TileSqNorms* sq) {
+template <int W>
+MONOLOSS_VECTOR_INLINE void latent_tile_sums_at(const int64_t* __restrict__ latent_offsets,
+                                                const int32_t* __restrict__ rows, const float* __restrict__ weights,
+                                                const float* __restrict__ tile, int64_t j0, int64_t j1,
+                                                float* __restrict__ out, int64_t out_stride, int64_t width,
+                                                bool accumulate, const TileSqNorms* sq) {
+  constexpr int kVecs = kTileVecs<W>;
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t p0 = latent_offsets[j], p1 = latent_offsets[j + 1];
     float* out_row = out + j * out_stride;
     if (accumulate && p0 == p1 && sq == nullptr) continue;
-    LineVec sums[kTileLines];
+    Vec<W> sums[kVecs];
     if (p1 - p0 <= kEntriesPerPartial) {  // the common case: one float32 partial is the sum
-      tile_row_sums(rows, weights, tile, p0, p1, sums);
+      tile_row_sums<W>(rows, weights, tile, p0, p1, sums);
     } else {
       double total[kTileWidth] = {};
       for (int64_t e0 = p0; e0 < p1; e0 += kEntriesPerPartial) {
-        LineVec partial[kTileLines];
-        tile_row_sums(rows, weights, tile, e0, std::min(e0 + kEntriesPerPartial, p1), partial);
-        for (int64_t i = 0; i < kTileWidth; ++i) total[i] += partial[i / kLineFloats][i % kLineFloats];
+        Vec<W> partial[kVecs];
+        tile_row_sums<W>(rows, weights, tile, e0, std::min(e0 + kEntriesPerPartial, p1), partial);
+        for (int64_t i = 0; i < kTileWidth; ++i) total[i] += partial[i / W][i % W];
       }
-      for (int64_t i = 0; i < kTileWidth; ++i) sums[i / kLineFloats][i % kLineFloats] = static_cast<float>(total[i]);
+      for (int64_t i = 0; i < kTileWidth; ++i) sums[i / W][i % W] = static_cast<float>(total[i]);
     }
-    LineVec row[kTileLines] = {};  // the row as stored, zero past width
+    Vec<W> row[kVecs] = {};  // the row as stored, zero past width
     if (width == kTileWidth) {
-      for (int64_t l = 0; l < kTileLines; ++l) {
-        float* line = out_row + l * kLineFloats;
-        row[l] = accumulate ? load_line(line) + sums[l] : sums[l];
-        store_line(line, row[l]);
+      for (int64_t v = 0; v < kVecs; ++v) {
+        float* part = out_row + v * W;
+        row[v] = accumulate ? load_vec<W>(part) + sums[v] : sums[v];
+        store_vec<W>(part, row[v]);
       }
     } else {
       for (int64_t i = 0; i < width; ++i) {
-        out_row[i] = (accumulate ? out_row[i] : 0.0f) + sums[i / kLineFloats][i % kLineFloats];
-        row[i / kLineFloats][i % kLineFloats] = out_row[i];
+        out_row[i] = (accumulate ? out_row[i] : 0.0f) + sums[i / W][i % W];
+        row[i / W][i % W] = out_row[i];
       }
     }
-    if (sq != nullptr) sq->out[j] = shifted_tile_sq_norm(row, sq->unit_sum, sq->delta[j], sq->inv_scale[j]);
+    if (sq != nullptr) sq->out[j] = shifted_tile_sq_norm<W>(row, sq->unit_sum, sq->delta[j], sq->inv_scale[j]);
   }
+}
+
+void latent_tile_sums(const int64_t* latent_offsets, const int32_t* rows, const float* weights, const float* tile,
+                      int64_t j0, int64_t j1, float* out, int64_t out_stride, int64_t width, bool accumulate,
+                      const TileSqNorms* sq) {
+  with_vector_width([&](auto vector_width) MONOLOSS_VECTOR_LAMBDA {
+    latent_tile_sums_at<decltype(vector_width)::value>(latent_offsets, rows, weights, tile, j0, j1, out,
+                                                       out_stride, width, accumulate, sq);
+  });
 }
 
 // Per latent, over a range of rows: stored entries, min, max, and the last row
@@ -351,6 +381,13 @@ MonoLossStats monoloss_stats_csr_cpu(const at::Tensor& crow_indices, const at::T
   auto [stats, sq_norms, entry_order] = csr_stats_cpu(crow_indices, col_indices, values, emb, num_latents,
                                                       /*for_loss=*/true);
   return std::tuple_cat(stats, std::make_tuple(sq_norms, entry_order));
+}
+
+int64_t cpu_vector_width_op() { return cpu_vector_width(); }
+
+TORCH_LIBRARY_FRAGMENT(monoloss_kernels, m) {
+  // The floats per vector the CSR kernels run with (vectorize.h): 16, 8 or 4.
+  m.def("cpu_vector_width() -> int", &cpu_vector_width_op);
 }
 
 TORCH_LIBRARY_IMPL(monoloss_kernels, CPU, m) {
