@@ -92,7 +92,7 @@ def _describe(x) -> str:
     return f"a {type(x).__name__}"
 
 
-def _check_tensor(name: str, x, dim: int = 2, dtypes=SUPPORTED_DTYPES) -> None:
+def check_tensor(name: str, x, dim: int = 2, dtypes=SUPPORTED_DTYPES) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.layout != torch.strided:
@@ -106,7 +106,7 @@ def _check_tensor(name: str, x, dim: int = 2, dtypes=SUPPORTED_DTYPES) -> None:
         raise TypeError(f"{name} must be {_dtype_names(dtypes)}, got {x.dtype}")
 
 
-def _check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None = None) -> int:
+def check_num_latents(num_latents, num_columns: int | None, emb_dim: int | None = None) -> int:
     """num_latents as given, or the number of columns of the input; they must agree.
     With emb's width `emb_dim`, a disagreement says what was probably passed instead."""
     if num_latents is None:
@@ -203,8 +203,8 @@ def _dictionary_learning_choice(items, num_latents, emb_dim):
     """The TopK pair when it is exactly the dense encoding (no threshold: O(N·k·d) instead of
     O(N·M·d)); the dense encoding otherwise (use_threshold=True, the pair is not what the SAE decodes)."""
     dense, top_acts, top_indices, _ = items
-    num_latents = _check_num_latents(num_latents, dense.shape[1], emb_dim)
-    _check_tensor("acts", dense)
+    num_latents = check_num_latents(num_latents, dense.shape[1], emb_dim)
+    check_tensor("acts", dense)
     if top_acts.device != dense.device or top_indices.device != dense.device:
         return dense
     top_indices = _as_int64(top_indices)
@@ -216,8 +216,8 @@ def _dictionary_learning_choice(items, num_latents, emb_dim):
 
 
 def _topk_to_csr(values: Tensor, indices: Tensor, num_latents) -> CsrActs:
-    _check_tensor("acts values", values)
-    _check_tensor("acts indices", indices, dtypes=INDEX_DTYPES)
+    check_tensor("acts values", values)
+    check_tensor("acts indices", indices, dtypes=INDEX_DTYPES)
     if values.shape != indices.shape:
         raise ValueError(
             f"acts values and indices must have the same shape (N, k), got {tuple(values.shape)} "
@@ -225,7 +225,7 @@ def _topk_to_csr(values: Tensor, indices: Tensor, num_latents) -> CsrActs:
         )
     if values.device != indices.device:
         raise ValueError(f"acts values and indices must be on the same device, got {values.device} and {indices.device}")
-    num_latents = _check_num_latents(num_latents, None)
+    num_latents = check_num_latents(num_latents, None)
     indices = _as_int64(indices)
     _check_index_range("acts indices", indices, num_latents)
     num_rows, k = values.shape
@@ -261,7 +261,7 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
     if acts.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"acts must be {_dtype_names(SUPPORTED_DTYPES)}, got {acts.dtype}")
     num_rows, num_columns = acts.shape
-    num_latents = _check_num_latents(num_latents, num_columns, emb_dim)
+    num_latents = check_num_latents(num_latents, num_columns, emb_dim)
     if acts.layout == torch.sparse_coo:
         # torch does not check COO invariants by default, and coalesce() writes out of
         # bounds on an index outside the shape (a crash, not an error).
@@ -295,7 +295,7 @@ def canonical_acts(acts, num_latents=None, *, emb_dim: int | None = None) -> Ten
     `emb_dim`, emb's width where known, lets a wrong width say what was probably passed.
     """
     if isinstance(acts, CsrActs):  # already canonical (built by the SAE modules, say)
-        _check_num_latents(num_latents, acts.num_latents, emb_dim)
+        check_num_latents(num_latents, acts.num_latents, emb_dim)
         return acts
     if isinstance(acts, tuple):
         return _tuple_to_canonical(acts, num_latents, emb_dim)
@@ -320,7 +320,7 @@ def _check_emb(emb, acts) -> None:
             f"emb must be the dense (N, d) embeddings tensor, got {_describe(emb)}, which looks like sparse "
             f"latents, with acts {_describe(acts)}: acts and emb look swapped; {SWAP_HINT}"
         )
-    _check_tensor("emb", emb)
+    check_tensor("emb", emb)
 
 
 def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor]:
@@ -345,7 +345,7 @@ def validate_acts(acts, emb, num_latents=None) -> tuple[Tensor | CsrActs, Tensor
             )
         return acts, emb
     acts, emb = validate_dense(acts, emb)
-    _check_num_latents(num_latents, acts.shape[1], emb.shape[1])
+    check_num_latents(num_latents, acts.shape[1], emb.shape[1])
     return acts, emb
 
 
@@ -354,8 +354,8 @@ def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
 
     NaN/Inf values are refused after the kernels (`check_stats_finite`).
     """
-    _check_tensor("acts", acts)
-    _check_tensor("emb", emb)
+    check_tensor("acts", acts)
+    check_tensor("emb", emb)
     if acts.shape[0] != emb.shape[0]:
         raise ValueError(
             f"acts and emb must have the same number of rows N: acts is {tuple(acts.shape)} "
@@ -367,8 +367,15 @@ def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
 
 
 def check_finite(acts: Tensor | CsrActs, emb: Tensor) -> None:
-    """Refuses NaN/Inf inputs by reading them: for batches of N < 2 rows, which get no
-    statistics to check (`check_stats_finite`)."""
+    """Refuses NaN/Inf inputs by reading them, and a latent stored twice in the row:
+    for batches of N < 2 rows, which the kernels (that check both) do not read."""
+    if isinstance(acts, CsrActs) and acts.num_rows == 1 and acts.col_indices.numel() > 1:
+        latents = acts.col_indices.sort().values
+        repeated = latents[1:] == latents[:-1]
+        if bool(repeated.any()):
+            latent = int(latents[1:][repeated][0])
+            raise ValueError(f"acts stores latent {latent} twice in row 0; the latent indices of a row must be "
+                             "distinct (as torch.topk returns them)")
     values = acts.values if isinstance(acts, CsrActs) else acts
     if not bool(torch.isfinite(values).all()):
         raise ValueError("acts contains NaN or Inf values")

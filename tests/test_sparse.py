@@ -115,6 +115,12 @@ def test_duplicate_latent_in_a_row_raises(backend_device):
     indices[7, 2] = indices[7, 0]
     with pytest.raises(ValueError, match=rf"acts stores latent {int(indices[7, 0])} twice in row 7"):
         mk.monoscore((values, indices), emb, num_latents=12, backend=backend)
+    # A one-row batch, whose scores are undefined without a kernel reading it, is refused too.
+    one_row = (values[7:8], indices[7:8])
+    with pytest.raises(ValueError, match=rf"acts stores latent {int(indices[7, 0])} twice in row 0"):
+        mk.monoscore(one_row, emb[7:8], num_latents=12, backend=backend)
+    with pytest.raises(ValueError, match=rf"acts stores latent {int(indices[7, 0])} twice in row 0"):
+        mk.monoloss(one_row, emb[7:8], num_latents=12, backend=backend)
 
 
 def test_num_latents_of_any_integer_type():
