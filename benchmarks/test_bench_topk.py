@@ -27,7 +27,7 @@ from monoloss_kernels import _extension
 from monoloss_kernels._dispatch import stats_function
 from monoloss_kernels._validate import validate_acts
 from monoloss_kernels.reference import closed_form_monoscore, pairwise_monoscore, published_monoscore
-from monoloss_kernels.refine import _csr_entries, ill_conditioned_latents, torch_deflated_scores
+from monoloss_kernels.refine import csr_entries, ill_conditioned_latents, torch_deflated_scores
 from monoloss_kernels.stats import finalize
 
 from .common import (DEVICE, OURS_PREFIX, PAIRWISE, SEED, check_scores, make_embeddings, make_topk_batch,
@@ -225,7 +225,7 @@ def test_deflated_scores_heavy_tailed(method, measure):
     acts, e = validate_acts((values, indices), emb, case.num_latents)
     stats = stats_function("auto", DEVICE, True)(acts, e)
     latents = ill_conditioned_latents(stats)
-    inputs = (*_csr_entries(acts, latents), stats.act_range[:, latents], e)
+    inputs = (*csr_entries(acts, latents), stats.act_range[:, latents], e)
     op = torch.ops.monoloss_kernels.deflated_scores
     fn = (lambda: op(*inputs)) if method == DEFLATED_OP else (lambda: torch_deflated_scores(*inputs))
     kernel, reference = op(*inputs), torch_deflated_scores(*inputs)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
-from .stats import CsrActs, MonoScoreStats, _reshift_moments, empty_batch_stats, finalize, reshift
+from .stats import CsrActs, MonoScoreStats, empty_batch_stats, finalize, reshift, reshift_moments
 
 STATE_VERSION = 1
 
@@ -190,7 +190,7 @@ class MonoScoreAccumulator:
                     torch.minimum(sums.act_range[0], stats.act_range[0]),
                     torch.maximum(sums.act_range[1], stats.act_range[1]),
                 ]),
-                moments=sums.moments.add_(_reshift_moments(stats.moments, stats.counts, delta)),
+                moments=sums.moments.add_(reshift_moments(stats.moments, stats.counts, delta)),
                 counts=sums.counts.add_(stats.counts),
             )
         self.num_rows += num_rows

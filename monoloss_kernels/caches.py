@@ -58,7 +58,7 @@ from torch import Tensor
 from ._progress import progress_bar
 from ._validate import canonical_acts
 from .accumulator import MonoScoreAccumulator
-from .refine import _csr_entries, _dense_entries, ill_conditioned_latents
+from .refine import csr_entries, dense_entries, ill_conditioned_latents
 from .stats import CsrActs, MonoScoreStats
 
 # Rows per chunk: a float32 chunk of M = 16384 latents is 256 MiB, and 4096 rows
@@ -886,8 +886,8 @@ def _refine_ill_conditioned(scores: Tensor, acts: ActivationCache, emb: RowArray
     for start, _, chunk in progress_bar(acts.chunks(batch_rows), desc="MonoScore refinement", enabled=progress,
                                         total=num_chunks, unit="chunk"):
         chunk = canonical_acts(chunk, acts.num_latents)
-        rows, local, values = _csr_entries(chunk, latents) if isinstance(chunk, CsrActs) else \
-            _dense_entries(chunk, latents)
+        rows, local, values = csr_entries(chunk, latents) if isinstance(chunk, CsrActs) else \
+            dense_entries(chunk, latents)
         parts.append((rows + start, local, values.float()))  # float32, as the statistics kernels read them
     rows, local, values = (torch.cat(p) for p in zip(*parts))
     exact = torch.ops.monoloss_kernels.deflated_scores(rows, local, values, stats.act_range.cpu()[:, latents],

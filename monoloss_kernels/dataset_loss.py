@@ -32,7 +32,7 @@ from ._progress import progress_bar
 from ._dispatch import stats_function
 from ._validate import check_stats_finite, validate_acts
 from .accumulator import MonoScoreAccumulator
-from .loss import _ties
+from .loss import extreme_ties
 from .stats import CsrActs, finalize
 
 
@@ -70,7 +70,7 @@ def _count_equal(acts, value: Tensor, num_rows: int) -> Tensor:
     """(M,) float64: per latent, the entries of `acts` equal to value[k] (for sparse
     acts, the implicit zeros included)."""
     if isinstance(acts, CsrActs):
-        return _ties(acts, value, num_rows).double()
+        return extreme_ties(acts, value, num_rows).double()
     # Compared straight into float32 and summed as floats: about 3x faster on the CPU than
     # summing a bool mask down its columns; exact up to 2^24 rows per batch. acts as
     # float32, as the kernels read it and as `value` (act_range) holds it: a float64

@@ -4,9 +4,9 @@ import torch
 from torch import Tensor, nn
 
 from ._dispatch import check_backend, loss_stats_function, stats_function
-from ._validate import (_check_num_latents, check_finite, check_ranks_stats_finite, check_stats_finite, stats_flags,
+from ._validate import (check_finite, check_num_latents, check_ranks_stats_finite, check_stats_finite, stats_flags,
                         validate_acts)
-from .refine import (_inverse_norms, block_deflated_scores, csr_entry_positions, ill_conditioned_latents,
+from .refine import (block_deflated_scores, csr_entry_positions, ill_conditioned_latents, inverse_norms,
                      refine_ill_conditioned)
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
 
@@ -109,7 +109,7 @@ class MonoLoss(nn.Module):
         _check_group(group, distributed)
         check_backend(backend)
         if num_latents is not None:
-            _check_num_latents(num_latents, None)
+            check_num_latents(num_latents, None)
         self.reduction = reduction
         self.num_latents = num_latents
         self.backend = backend
@@ -181,7 +181,7 @@ def _all_reduce_stats(stats: MonoScoreStats, acts, emb: Tensor, num_rows: int, g
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     extremes = []
     for local, global_, in ((local_min, global_min), (local_max, global_max)):
-        ties = _ties(acts, local.detach(), num_rows) * (local.detach() == global_)
+        ties = extreme_ties(acts, local.detach(), num_rows) * (local.detach() == global_)
         all_ties = ties.clone()
         dist.all_reduce(all_ties, op=dist.ReduceOp.SUM, group=group)
         weight = torch.where(ties > 0, ties / all_ties.clamp(min=1), 0.0)
@@ -213,7 +213,7 @@ def _all_reduce_stats(stats: MonoScoreStats, acts, emb: Tensor, num_rows: int, g
     return global_stats, int(counts[0].detach())
 
 
-def _ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
+def extreme_ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
     """Per latent, how many of this rank's activations equal `extreme` (float32, as
     act_range): dense entries, or stored values plus the implicit zeros."""
     if not isinstance(acts, CsrActs):
@@ -300,7 +300,7 @@ def refined_scores_of_columns(columns: Tensor, unit: Tensor, unit_weight: Tensor
 def _unit_rows64(emb: Tensor) -> tuple[Tensor, Tensor]:
     """float64 unit rows of emb (0 for a zero row), differentiable, and their ‖ê‖² (1 or 0)."""
     x = emb.double()
-    inv_norm = _inverse_norms(x)
+    inv_norm = inverse_norms(x)
     return x * inv_norm[:, None], (inv_norm > 0).double()
 
 

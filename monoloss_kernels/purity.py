@@ -35,7 +35,7 @@ stored entries (unstored entries are 0, i.e. not firing).
 import torch
 from torch import Tensor
 
-from ._validate import _check_num_latents, _check_tensor, canonical_acts
+from ._validate import canonical_acts, check_num_latents, check_tensor
 from .stats import CsrActs, entry_rows
 
 STATE_VERSION = 1
@@ -89,8 +89,8 @@ def class_purity(acts, labels: Tensor, *, num_classes: int | None = None, num_la
     if isinstance(acts, CsrActs):
         num_latents, device = acts.num_latents, acts.values.device
     else:
-        _check_tensor("acts", acts)
-        num_latents, device = _check_num_latents(num_latents, acts.shape[1]), acts.device
+        check_tensor("acts", acts)
+        num_latents, device = check_num_latents(num_latents, acts.shape[1]), acts.device
     _check_labels(labels, device)
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.numel() else 0
@@ -141,7 +141,7 @@ class ClassPurityAccumulator:
         if isinstance(acts, CsrActs):
             num_rows, batch_latents, device = acts.num_rows, acts.num_latents, acts.values.device
         else:
-            _check_tensor("acts", acts)
+            check_tensor("acts", acts)
             (num_rows, batch_latents), device = acts.shape, acts.device
         if batch_latents != self.num_latents:
             raise ValueError(f"acts has {batch_latents} latents but the accumulator was built for {self.num_latents}")

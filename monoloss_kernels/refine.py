@@ -38,7 +38,7 @@ the g·eps32·κ error.
 import torch
 from torch import Tensor
 
-from .stats import DEN_RTOL, CsrActs, MonoScoreStats, _score_terms, entry_rows
+from .stats import DEN_RTOL, CsrActs, MonoScoreStats, entry_rows, score_terms
 
 # Recompute latents whose κ exceeds this. g measured on the CPU paths: at most 24 dense and
 # 5.5 sparse in `benchmarks/measure_accuracy.py --ill-conditioned` (results/cpu-AMD-EPYC/
@@ -62,7 +62,7 @@ def ill_conditioned_latents(stats: MonoScoreStats) -> Tensor:
     summed its moments in float32 (Triton's dense kernel) a rest mass below eps32 of the
     top sample also reads as 0."""
     act_min, act_max = stats.act_range[0], stats.act_range[1]
-    _, sum_a, _, _, denominator, defined = _score_terms(stats.moments, stats.act_range, stats.shift, stats.counts,
+    _, sum_a, _, _, denominator, defined = score_terms(stats.moments, stats.act_range, stats.shift, stats.counts,
                                                         DEN_RTOL)
     kappa = sum_a * sum_a / torch.where(defined, denominator, 1.0)
     return ((act_max > act_min) & (~defined | (kappa > KAPPA_MAX))).nonzero().squeeze(1)
@@ -74,7 +74,7 @@ def refine_ill_conditioned(scores: Tensor, acts: Tensor | CsrActs, emb: Tensor, 
     latents = ill_conditioned_latents(stats)
     if latents.numel() == 0:
         return scores
-    entries = _csr_entries(acts, latents) if isinstance(acts, CsrActs) else _dense_entries(acts, latents)
+    entries = csr_entries(acts, latents) if isinstance(acts, CsrActs) else dense_entries(acts, latents)
     exact = torch.ops.monoloss_kernels.deflated_scores(*entries, stats.act_range[:, latents], emb.detach())
     return scores.index_copy(0, latents, exact.to(scores.dtype))
 
@@ -88,13 +88,13 @@ def csr_entry_positions(col_indices: Tensor, num_latents: int, latents: Tensor) 
     return keep, local[keep]
 
 
-def _csr_entries(acts: CsrActs, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def csr_entries(acts: CsrActs, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(row, index into `latents`, value) of the stored entries of `latents`."""
     keep, local = csr_entry_positions(acts.col_indices, acts.num_latents, latents)
     return entry_rows(acts.crow_indices, acts.col_indices.shape[0])[keep], local, acts.values.detach()[keep]
 
 
-def _dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The nonzero entries of acts[:, latents] as (row, index into `latents`, value): the
     zeros are left implicit, as in a sparse input, for an ill-conditioned latent is
     usually one that fires rarely."""
@@ -107,7 +107,7 @@ def _dense_entries(acts: Tensor, latents: Tensor) -> tuple[Tensor, Tensor, Tenso
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def _inverse_norms(emb_rows: Tensor) -> Tensor:
+def inverse_norms(emb_rows: Tensor) -> Tensor:
     """float64 1/‖row‖ of float64 rows, 0 for zero rows (so that their unit row is 0)."""
     norm = torch.linalg.vector_norm(emb_rows, dim=1)
     nonzero = norm > 0
@@ -155,7 +155,7 @@ def torch_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, act_range
     if bool(((count < num_rows) & (act_range[0] != 0)).any()):
         for n0 in range(0, num_rows, ENTRIES_PER_BLOCK):
             x = emb[n0 : n0 + ENTRIES_PER_BLOCK].double()
-            inv_norm = _inverse_norms(x)
+            inv_norm = inverse_norms(x)
             unit_emb_sum += inv_norm @ x
             num_unit_rows += (inv_norm > 0).sum()
     starts = [0] + count.cumsum(0).tolist()
@@ -219,13 +219,13 @@ def block_deflated_scores(rows: Tensor, local: Tensor, values: Tensor, count: Te
     for e0 in range(0, num_entries, ENTRIES_PER_BLOCK):
         e = slice(e0, e0 + ENTRIES_PER_BLOCK)
         x = emb[rows[e]].double()
-        inv_norm = _inverse_norms(x)
+        inv_norm = inverse_norms(x)
         is_unit.append((inv_norm > 0).double())
         lat = local[e]
         rest = rest.index_add(0, lat, x * ((weight[e] - implicit[lat]) * kept[e] * inv_norm)[:, None])
     is_unit = torch.cat(is_unit) if is_unit else weight.new_zeros(0)
     top_x = emb[top_row].double()
-    top_unit = top_x * (_inverse_norms(top_x) * has_top)[:, None]  # (F, d) ê*, 0 where no n*
+    top_unit = top_x * (inverse_norms(top_x) * has_top)[:, None]  # (F, d) ê*, 0 where no n*
     top_is_unit = (top_unit != 0).any(1).double()
     rest = rest + torch.outer(implicit, unit_emb_sum) - top_unit * implicit[:, None]
 

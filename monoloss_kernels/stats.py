@@ -86,7 +86,7 @@ class MonoScoreStats(NamedTuple):
     counts: Tensor  # (2,) float64: N, number of nonzero-norm embedding rows
 
 
-def _reshift_moments(moments: Tensor, counts: Tensor, delta: Tensor) -> Tensor:
+def reshift_moments(moments: Tensor, counts: Tensor, delta: Tensor) -> Tensor:
     """(4, M) float64 moments of b - delta, from those of b and the counts."""
     num_rows, num_unit_rows = counts[0], counts[1]
     num_zero_rows = num_rows - num_unit_rows
@@ -109,7 +109,7 @@ def reshift(stats: MonoScoreStats, shift: Tensor) -> MonoScoreStats:
     shift = shift.double()
     delta = shift - stats.shift.double()  # (M,)
     cross = stats.cross.double() - stats.unit_emb_sum[:, None] * delta[None, :]
-    return stats._replace(cross=cross, shift=shift, moments=_reshift_moments(stats.moments, stats.counts, delta))
+    return stats._replace(cross=cross, shift=shift, moments=reshift_moments(stats.moments, stats.counts, delta))
 
 
 def finalize(stats: MonoScoreStats, cross_sq_at_min: Tensor | None = None) -> Tensor:
@@ -138,12 +138,12 @@ def finalize(stats: MonoScoreStats, cross_sq_at_min: Tensor | None = None) -> Te
     )
 
 
-def _score_terms(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor, den_rtol: float):
+def score_terms(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor, den_rtol: float):
     """float64 per-latent terms of the score at the shift b = a - min: δ, the moments there
     (Σb, Σb², Σ over zero-norm rows of b²), the denominator and where the score is defined."""
     act_min, act_max = act_range[0], act_range[1]
     delta = act_min.double() - shift.double()
-    sum_a, sumsq_a, _, zero_sumsq_a = _reshift_moments(moments, counts, delta).unbind(0)
+    sum_a, sumsq_a, _, zero_sumsq_a = reshift_moments(moments, counts, delta).unbind(0)
     num_rows = counts[0]
     denominator = sum_a * sum_a - sumsq_a
     defined = (act_max > act_min) & (denominator > den_rtol * num_rows * sum_a * sum_a)
@@ -154,7 +154,7 @@ def torch_finalize_scores(moments: Tensor, act_range: Tensor, shift: Tensor, cou
                           den_rtol: float, out_dtype: torch.dtype) -> Tensor:
     """`finalize_scores` in plain torch, for every device (the extension replaces it on
     the CPU and CUDA)."""
-    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = _score_terms(
+    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = score_terms(
         moments, act_range, shift, counts, den_rtol)
     numerator = cross_sq_at_min - (sumsq_a - zero_sumsq_a)
     safe_denominator = torch.where(defined, denominator, torch.ones_like(denominator))
@@ -165,7 +165,7 @@ def torch_finalize_scores_backward(grad_scores: Tensor, moments: Tensor, act_ran
                                    counts: Tensor, cross_sq_at_min: Tensor,
                                    den_rtol: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`finalize_scores_backward` in plain torch, for every device."""
-    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = _score_terms(
+    delta, sum_a, sumsq_a, zero_sumsq_a, denominator, defined = score_terms(
         moments, act_range, shift, counts, den_rtol)
     num_rows, num_zero_rows = counts[0], counts[0] - counts[1]
     sum_b, _, zero_sum_b, _ = moments.unbind(0)
