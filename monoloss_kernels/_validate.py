@@ -45,7 +45,7 @@ import operator
 import torch
 from torch import Tensor
 
-from .stats import CsrActs
+from .stats import CsrActs, entry_rows, latent_major_order
 
 # Finite activations the float32 sums of the kernels hold without overflow, with room
 # for the shift to the min and the squares `finalize` forms after scaling by the range.
@@ -369,13 +369,8 @@ def validate_dense(acts, emb) -> tuple[Tensor, Tensor]:
 def check_finite(acts: Tensor | CsrActs, emb: Tensor) -> None:
     """Refuses NaN/Inf inputs by reading them, and a latent stored twice in the row:
     for batches of N < 2 rows, which the kernels (that check both) do not read."""
-    if isinstance(acts, CsrActs) and acts.num_rows == 1 and acts.col_indices.numel() > 1:
-        latents = acts.col_indices.sort().values
-        repeated = latents[1:] == latents[:-1]
-        if bool(repeated.any()):
-            latent = int(latents[1:][repeated][0])
-            raise ValueError(f"acts stores latent {latent} twice in row 0; the latent indices of a row must be "
-                             "distinct (as torch.topk returns them)")
+    if isinstance(acts, CsrActs):  # for its duplicate check
+        latent_major_order(acts, entry_rows(acts.crow_indices, acts.col_indices.shape[0]))
     values = acts.values if isinstance(acts, CsrActs) else acts
     if not bool(torch.isfinite(values).all()):
         raise ValueError("acts contains NaN or Inf values")
