@@ -164,7 +164,8 @@ MonoScoreStats accumulate(const at::Tensor& acts, const at::Tensor& emb,
 
   const IeeeFloat32Matmuls ieee_matmuls;
   // cross itself when one block holds every row.
-  at::Tensor block_cross = N > kRowsPerCrossBlock ? at::empty_like(cross) : cross;
+  const bool blocked = N > kRowsPerCrossBlock;
+  at::Tensor block_cross = blocked ? at::empty_like(cross) : cross;
   int64_t block_rows = 0;
   for (int64_t n0 = 0; n0 < N; n0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, N - n0);
@@ -184,10 +185,9 @@ MonoScoreStats accumulate(const at::Tensor& acts, const at::Tensor& emb,
     });
     const at::Tensor unit_emb = emb.narrow(0, n0, rows).to(at::kFloat) * inv_chunk.unsqueeze(1);
     // (d, rows) @ (rows, M); a separate block buffer starts from its block's first product.
-    const bool block_start = block_rows == 0 && !block_cross.is_same(cross);
-    block_cross.addmm_(unit_emb.t(), gemm_input, /*beta=*/block_start ? 0 : 1);
+    block_cross.addmm_(unit_emb.t(), gemm_input, /*beta=*/blocked && block_rows == 0 ? 0 : 1);
     block_rows += rows;
-    if (!block_cross.is_same(cross) && (block_rows >= kRowsPerCrossBlock || n0 + rows == N)) {
+    if (blocked && (block_rows >= kRowsPerCrossBlock || n0 + rows == N)) {
       cross.add_(block_cross);
       block_rows = 0;
     }
