@@ -22,6 +22,7 @@ passes suffice, because the statistics are additive:
 Memory: the O(d·M) float64 sums plus one batch's graph.
 """
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
@@ -132,7 +133,13 @@ def dataset_monoloss_backward(
             gradients, so pass scale=coef * world_size there (or all-reduce
             `.grad` with SUM yourself after calling the model's unwrapped module).
             Collective: every rank must call it, with a loader that yields at least
-            one batch (an empty one will do).
+            one batch (an empty one will do). An error on any rank (a refused
+            batch, a model that changed between the passes, an empty loader) stops
+            every rank at the end of that pass: that rank raises its error, the
+            others a RuntimeError naming it, after the same collectives, so no rank
+            is left waiting. (A DDP-wrapped model's own all-reduces in backward are
+            outside this: a rank that raises in pass 2 leaves the others waiting
+            in DDP's reducer.)
         progress: show progress bars (default: when stderr is a terminal).
 
     Returns:
@@ -144,7 +151,7 @@ def dataset_monoloss_backward(
     # Pass 1: the dataset's statistics, each latent's extremes, and the ties at its minimum.
     accumulator = None
     extremes = _ExtremeTracker()
-    with torch.no_grad():
+    with _stop_with_every_rank(distributed, group, "pass 1 (statistics)"), torch.no_grad():
         for batch in progress_bar(loader, desc="MonoLoss pass 1/2 (statistics)", enabled=progress):
             acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
             if accumulator is None:
@@ -156,8 +163,8 @@ def dataset_monoloss_backward(
             check_stats_finite(stats, emb)
             accumulator._add(stats, num_rows)
             extremes.update(acts, stats.act_range, num_rows)
-    if accumulator is None:
-        raise ValueError("loader yielded no batches")
+        if accumulator is None:
+            raise ValueError("loader yielded no batches")
     if distributed:
         accumulator.all_reduce(group)
         if extremes.extremes is None:  # this rank's shard has no rows
@@ -188,55 +195,89 @@ def dataset_monoloss_backward(
     # the statistics op evaluated at the dataset's statistics (no forward recomputed).
     seen_rows = 0
     seen_min_ties = torch.zeros_like(extremes.min_ties)
-    for batch in progress_bar(loader, desc="MonoLoss pass 2/2 (gradient)", enabled=progress):
-        acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
-        accumulator._check_batch(acts, emb)
-        if num_rows == 0:
-            continue
-        sparse = isinstance(acts, CsrActs)
-        values = acts.values if sparse else acts
-        # In float32, as global_min holds it (rounding keeps the order, so the column minimum may come first).
-        if sparse:
-            below = values.detach().float() < global_min[acts.col_indices]
-            # A latent stored in fewer than all rows has an implicit 0 in this batch: below a
-            # positive pass-1 minimum too (an entry that disappeared between the passes).
-            stored = torch.zeros(num_latents, dtype=torch.int64, device=values.device)
-            stored.index_add_(0, acts.col_indices, torch.ones_like(acts.col_indices))
-            below = torch.cat([below, (stored < num_rows) & (global_min > 0)])
-        else:  # a column minimum reads acts faster than an elementwise comparison
-            below = values.detach().amin(0).float() < global_min
-        if bool(below.any()):
-            raise RuntimeError(
-                "dataset_monoloss_backward: a batch of pass 2 has activations below the minimum of pass 1, so "
-                "model_fn or the loader gave different values in the two passes (is dropout on, or random "
-                "augmentation?). The gradients accumulated so far are not those of one dataset: zero them."
-            )
-        ties = _count_equal(acts, global_min, num_rows)
-        seen_min_ties += ties
-        # The backward shares grad_range among the batch's own ties: give it this batch's part.
-        grad_range = torch.stack([(min_share * ties).float(), torch.zeros_like(global_min)])
-        wanted = (values.requires_grad, emb.requires_grad)
-        common = dict(grad_cross=grads["cross"], grad_unit_emb_sum=grads.get("unit_emb_sum"),
-                      grad_range=grad_range, grad_moments=grads["moments"],
-                      acts_grad_kernel=_autograd.acts_grad_kernel_of(backend, emb.device))
-        if sparse:
-            grad_values, grad_emb = _autograd.csr_stats_grads(
-                acts.crow_indices, acts.col_indices, values.detach(), emb.detach(), num_latents, shift,
-                extremes.extremes, values_grad=wanted[0], emb_grad=wanted[1], **common)
-        else:
-            grad_values, grad_emb = _autograd.dense_stats_grads(
-                values.detach(), emb.detach(), shift, extremes.extremes, acts_grad=wanted[0],
-                emb_grad=wanted[1], **common)
-        outputs = [(t, g) for t, g in ((values, grad_values), (emb, grad_emb)) if g is not None]
-        if not outputs:
-            raise ValueError(
-                "model_fn's acts do not require grad: nothing to back-propagate (call it outside "
-                "torch.no_grad, with parameters that require grad)"
-            )
-        torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
-        seen_rows += num_rows
+    with _stop_with_every_rank(distributed, group, "pass 2 (gradient)",
+                               after=" The gradients accumulated so far are not those of one dataset: zero them."):
+        for batch in progress_bar(loader, desc="MonoLoss pass 2/2 (gradient)", enabled=progress):
+            acts, emb, num_rows = _model_outputs(model_fn, batch, num_latents, differentiable_emb)
+            accumulator._check_batch(acts, emb)
+            if num_rows == 0:
+                continue
+            sparse = isinstance(acts, CsrActs)
+            values = acts.values if sparse else acts
+            # In float32, as global_min holds it (rounding keeps the order, so the column minimum may come first).
+            if sparse:
+                below = values.detach().float() < global_min[acts.col_indices]
+                # A latent stored in fewer than all rows has an implicit 0 in this batch: below a
+                # positive pass-1 minimum too (an entry that disappeared between the passes).
+                stored = torch.zeros(num_latents, dtype=torch.int64, device=values.device)
+                stored.index_add_(0, acts.col_indices, torch.ones_like(acts.col_indices))
+                below = torch.cat([below, (stored < num_rows) & (global_min > 0)])
+            else:  # a column minimum reads acts faster than an elementwise comparison
+                below = values.detach().amin(0).float() < global_min
+            if bool(below.any()):
+                raise RuntimeError(
+                    "dataset_monoloss_backward: a batch of pass 2 has activations below the minimum of pass 1, so "
+                    "model_fn or the loader gave different values in the two passes (is dropout on, or random "
+                    "augmentation?). The gradients accumulated so far are not those of one dataset: zero them."
+                )
+            ties = _count_equal(acts, global_min, num_rows)
+            seen_min_ties += ties
+            # The backward shares grad_range among the batch's own ties: give it this batch's part.
+            grad_range = torch.stack([(min_share * ties).float(), torch.zeros_like(global_min)])
+            wanted = (values.requires_grad, emb.requires_grad)
+            common = dict(grad_cross=grads["cross"], grad_unit_emb_sum=grads.get("unit_emb_sum"),
+                          grad_range=grad_range, grad_moments=grads["moments"],
+                          acts_grad_kernel=_autograd.acts_grad_kernel_of(backend, emb.device))
+            if sparse:
+                grad_values, grad_emb = _autograd.csr_stats_grads(
+                    acts.crow_indices, acts.col_indices, values.detach(), emb.detach(), num_latents, shift,
+                    extremes.extremes, values_grad=wanted[0], emb_grad=wanted[1], **common)
+            else:
+                grad_values, grad_emb = _autograd.dense_stats_grads(
+                    values.detach(), emb.detach(), shift, extremes.extremes, acts_grad=wanted[0],
+                    emb_grad=wanted[1], **common)
+            outputs = [(t, g) for t, g in ((values, grad_values), (emb, grad_emb)) if g is not None]
+            if not outputs:
+                raise ValueError(
+                    "model_fn's acts do not require grad: nothing to back-propagate (call it outside "
+                    "torch.no_grad, with parameters that require grad)"
+                )
+            torch.autograd.backward([t for t, _ in outputs], [g for _, g in outputs])
+            seen_rows += num_rows
     _check_same_data(seen_rows, seen_min_ties, accumulator, extremes, distributed, group)
     return float(loss.detach())
+
+
+@contextlib.contextmanager
+def _stop_with_every_rank(distributed: bool, group, stage: str, after: str = ""):
+    """Under distributed=True, an exception raised in the block on one rank reaches
+    every rank: one all-reduce after the block (which every rank reaches, the failing
+    one by leaving the block early) tells each rank which ranks failed; the failing
+    ones re-raise their own error, the others raise RuntimeError naming them. Without
+    it a lone failing rank would leave the others waiting in the next collective."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # not BaseException: an interrupt ends the process anyway
+        if not distributed:
+            raise
+        error = e
+    if not distributed:
+        return
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    failed = torch.zeros(dist.get_world_size(group), device=device)
+    failed[dist.get_rank(group)] = error is not None
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
+    if error is not None:
+        raise error
+    ranks = failed.nonzero().flatten().tolist()
+    if ranks:
+        raise RuntimeError(
+            f"dataset_monoloss_backward: rank(s) {ranks} of the group raised in {stage} (see that rank's error); "
+            f"this rank stops too, so that the ranks stay in step.{after}"
+        )
 
 
 def _check_same_data(seen_rows: int, seen_min_ties: Tensor, accumulator, extremes, distributed: bool, group) -> None:

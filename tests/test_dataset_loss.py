@@ -244,6 +244,67 @@ def test_distributed_equals_one_process_on_the_union(tmp_path):
     check_grads([sum(grads) for grads in zip(*(r["grads"] for r in results))], expected_grads)
 
 
+def _distributed_failure_worker(rank: int, world_size: int, port: int) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # A rank left waiting in a collective fails the test after 60 s instead of gloo's 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = Encoder(torch.Generator().manual_seed(61), topk=False)
+        x, emb = make_dataset(seed=67)
+        shard = slice(*[(0, 30), (30, NUM_ROWS)][rank])
+        x, emb = x[shard], emb[shard]
+
+        def run(model_fn, loader):
+            return mk.dataset_monoloss_backward(model_fn, loader, num_latents=NUM_LATENTS, distributed=True,
+                                                progress=False)
+
+        def model_fn(batch):
+            return model(batch[0]), batch[1]
+
+        def others(failing: int) -> str:
+            return rf"rank\(s\) \[{failing}\] of the group raised in"
+
+        # Pass 1: a batch refused on rank 1.
+        bad_emb = emb.clone()
+        if rank == 1:
+            bad_emb[7, 1] = float("nan")
+        with pytest.raises(ValueError if rank == 1 else RuntimeError,
+                           match="emb contains NaN" if rank == 1 else others(1) + r" pass 1 \(statistics\)"):
+            run(model_fn, batches(x, bad_emb, 16))
+        # Pass 1: rank 0's loader yields nothing.
+        with pytest.raises(ValueError if rank == 0 else RuntimeError,
+                           match="loader yielded no batches" if rank == 0 else others(0)):
+            run(model_fn, [] if rank == 0 else batches(x, emb, 16))
+        # Pass 2: rank 1's model gives other values than in pass 1.
+        loader, calls = batches(x, emb, 16), {"n": 0}
+
+        def changing_model_fn(batch):
+            calls["n"] += 1
+            acts = model(batch[0])
+            return (acts - 1.0 if rank == 1 and calls["n"] > len(loader) else acts), batch[1]
+
+        with pytest.raises(RuntimeError, match="below the minimum of pass 1" if rank == 1
+                           else others(1) + r" pass 2 \(gradient\)"):
+            run(changing_model_fn, loader)
+        # The ranks are still in step: a good call meets the same collectives on both.
+        model.zero_grad()
+        assert 0.0 < run(model_fn, batches(x, emb, 16)) < 1.0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_error_on_one_rank_raises_on_every_rank():
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_distributed_failure_worker, args=(2, free_port()), nprocs=2, join=True,
+                       start_method="spawn")
+
+
 def test_published_five_pass_peer_agrees_where_every_latent_is_defined():
     """The benchmark's peer (the paper's method) computes the same gradient when no latent
     is dead (its mean runs over every latent) and no embedding row is zero."""
