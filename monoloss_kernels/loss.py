@@ -6,8 +6,7 @@ from torch import Tensor, nn
 from ._dispatch import check_backend, loss_stats_function, stats_function
 from ._validate import (check_finite, check_num_latents, check_ranks_stats_finite, check_stats_finite, stats_flags,
                         validate_acts)
-from .refine import (block_deflated_scores, csr_entry_positions, ill_conditioned_latents, inverse_norms,
-                     refine_ill_conditioned)
+from .refine import block_deflated_scores, csr_entry_positions, ill_conditioned_latents, inverse_norms, refine_latents
 from .stats import CsrActs, MonoScoreStats, empty_batch_stats, entry_rows, finalize, reshift
 
 REDUCTIONS = ("mean", "none")
@@ -83,9 +82,11 @@ def monoloss(acts, emb: Tensor, *, reduction: str = "mean", num_latents: int | N
         scores = finalize(stats, cross_sq_at_min)
         # Where no latent needs it (most batches), no refinement op: its backward returns
         # a gradient for all of acts (zeros but for the refined latents' entries), which
-        # autograd then adds to the statistics' (of dense acts, 10% of a step).
-        if ill_conditioned_latents(stats).numel() > 0:
-            scores = refine_loss(scores, acts, emb, stats)
+        # autograd then adds to the statistics' (of dense acts, 10% of a step). Found
+        # once here (one device sync) and handed to the op and its backward.
+        latents = ill_conditioned_latents(stats)
+        if latents.numel() > 0:
+            scores = refine_loss(scores, acts, emb, stats.act_range, latents)
     else:
         check_finite(acts, emb)
         scores = None
@@ -232,45 +233,31 @@ def extreme_ties(acts, extreme: Tensor, num_rows: int) -> Tensor:
 # recomputation of just those latents (`refined_scores_of_columns` for dense acts,
 # `refined_scores_of_entries` for sparse ones); the one-pass scores
 # keep the gradient of every other latent.
-def _refine_stats(moments: Tensor, act_range: Tensor, shift: Tensor, counts: Tensor) -> MonoScoreStats:
-    """The statistics `ill_conditioned_latents` reads (it needs no cross or ΣÊ)."""
-    return MonoScoreStats(cross=None, unit_emb_sum=None, shift=shift, act_range=act_range, moments=moments,
-                          counts=counts)
-
-
-def _refined(scores: Tensor, acts, emb: Tensor, stats: MonoScoreStats) -> Tensor:
-    out = refine_ill_conditioned(scores, acts, emb, stats)
-    return out.clone() if out is scores else out  # an op's output must not alias its input
-
-
 @torch.library.custom_op("monoloss_kernels::refine_loss_scores", mutates_args=())
-def refine_loss_scores(scores: Tensor, acts: Tensor, emb: Tensor, moments: Tensor, act_range: Tensor,
-                       shift: Tensor, counts: Tensor) -> Tensor:
-    """(M,) `scores` (the one-pass scores of dense acts (N, M), emb (N, d), from the
-    statistics moments, act_range, shift, counts) with the ill-conditioned latents
-    (refine.ill_conditioned_latents) replaced by their float64 deflated scores, rounded
+def refine_loss_scores(scores: Tensor, acts: Tensor, emb: Tensor, act_range: Tensor, latents: Tensor) -> Tensor:
+    """(M,) `scores` (the one-pass scores of dense acts (N, M), emb (N, d)) with `latents`
+    (int64 indices, the ill-conditioned ones: refine.ill_conditioned_latents; act_range
+    (2, M) every latent's min and max) replaced by their float64 deflated scores, rounded
     to scores' dtype. Its backward: the incoming gradient for the other latents goes to
-    `scores`; for the refined ones, to acts and emb through `refined_scores_of_columns`
+    `scores`; for `latents`, to acts and emb through `refined_scores_of_columns`
     (`refined_scores_of_entries` for `refine_loss_scores_csr`)."""
-    return _refined(scores, acts, emb, _refine_stats(moments, act_range, shift, counts))
+    return refine_latents(scores, acts, emb, act_range, latents)
 
 
 @refine_loss_scores.register_fake
-def _(scores, acts, emb, moments, act_range, shift, counts):
+def _(scores, acts, emb, act_range, latents):
     return torch.empty_like(scores)
 
 
 @torch.library.custom_op("monoloss_kernels::refine_loss_scores_csr", mutates_args=())
 def refine_loss_scores_csr(scores: Tensor, crow_indices: Tensor, col_indices: Tensor, values: Tensor, emb: Tensor,
-                           num_latents: int, moments: Tensor, act_range: Tensor, shift: Tensor,
-                           counts: Tensor) -> Tensor:
+                           num_latents: int, act_range: Tensor, latents: Tensor) -> Tensor:
     """`refine_loss_scores` for sparse acts in CSR form (`CsrActs`)."""
-    acts = CsrActs(crow_indices, col_indices, values, num_latents)
-    return _refined(scores, acts, emb, _refine_stats(moments, act_range, shift, counts))
+    return refine_latents(scores, CsrActs(crow_indices, col_indices, values, num_latents), emb, act_range, latents)
 
 
 @refine_loss_scores_csr.register_fake
-def _(scores, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts):
+def _(scores, crow_indices, col_indices, values, emb, num_latents, act_range, latents):
     return torch.empty_like(scores)
 
 
@@ -327,15 +314,13 @@ def refined_scores_of_entries(rows: Tensor, local: Tensor, values: Tensor, count
     return block_deflated_scores(rows, local, x, count, torch.stack(extremes), emb, unit_emb_sum, num_unit_rows)
 
 
-def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreStats, blocks_of, gather,
-                      emb_grad: bool):
+def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, latents: Tensor, blocks_of, gather, emb_grad: bool):
     """(∂L/∂scores, [(positions, ∂L/∂ those acts entries)], ∂L/∂emb). `blocks_of(latents)`
     splits the latents into blocks recomputed at once; `gather(block)` gives (the block's
     acts entries, scores_of(entries, emb, unit_rows) their (F,) float64 scores, the
     entries' positions in acts), unit_rows(emb) being `_unit_rows64`. torch.func.vjp, not
     autograd: an op's implementation runs below the autograd dispatch key, where
     torch.enable_grad() records nothing."""
-    latents = ill_conditioned_latents(stats)
     grad_scores = grad.index_fill(0, latents, 0.0)
     grad_emb = torch.zeros_like(emb)
     parts = []
@@ -362,8 +347,7 @@ def _refined_backward(grad: Tensor, out: Tensor, emb: Tensor, stats: MonoScoreSt
 
 
 @torch.library.custom_op("monoloss_kernels::refine_loss_scores_backward", mutates_args=())
-def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Tensor, moments: Tensor,
-                                act_range: Tensor, shift: Tensor, counts: Tensor,
+def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Tensor, latents: Tensor,
                                 emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of `refine_loss_scores`: (∂L/∂scores, ∂L/∂acts, ∂L/∂emb (zeros unless
     emb_grad)), given ∂L/∂out and its output out."""
@@ -375,8 +359,7 @@ def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Te
             return refined_scores_of_columns(columns.float().double(), *unit_rows(e))
         return acts[:, block], scores_of, block
 
-    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
-                                                     blocks_of, columns_of, emb_grad)
+    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, latents, blocks_of, columns_of, emb_grad)
     grad_acts = torch.zeros_like(acts)
     for block, grad_block in parts:
         grad_acts[:, block] = grad_block
@@ -384,15 +367,14 @@ def refine_loss_scores_backward(grad: Tensor, out: Tensor, acts: Tensor, emb: Te
 
 
 @refine_loss_scores_backward.register_fake
-def _(grad, out, acts, emb, moments, act_range, shift, counts, emb_grad):
+def _(grad, out, acts, emb, latents, emb_grad):
     return torch.empty_like(grad), torch.empty_like(acts), torch.empty_like(emb)
 
 
 @torch.library.custom_op("monoloss_kernels::refine_loss_scores_csr_backward", mutates_args=())
 def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Tensor, col_indices: Tensor,
-                                    values: Tensor, emb: Tensor, num_latents: int, moments: Tensor,
-                                    act_range: Tensor, shift: Tensor, counts: Tensor,
-                                    emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                    values: Tensor, emb: Tensor, num_latents: int, act_range: Tensor,
+                                    latents: Tensor, emb_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of `refine_loss_scores_csr`: (∂L/∂scores, ∂L/∂values, ∂L/∂emb), from
     the refined latents' entries (`refined_scores_of_entries`), in blocks of at most
     REFINE_ELEMENTS_PER_BLOCK / d entries (or one latent)."""
@@ -421,8 +403,7 @@ def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Ten
                                              unit.sum(0), unit_weight.sum())
         return values[keep], scores_of, keep
 
-    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, _refine_stats(moments, act_range, shift, counts),
-                                                     blocks_of, entries_of, emb_grad)
+    grad_scores, parts, grad_emb = _refined_backward(grad, out, emb, latents, blocks_of, entries_of, emb_grad)
     grad_values = torch.zeros_like(values)
     for keep, grad_block in parts:
         grad_values[keep] = grad_block
@@ -430,7 +411,7 @@ def refine_loss_scores_csr_backward(grad: Tensor, out: Tensor, crow_indices: Ten
 
 
 @refine_loss_scores_csr_backward.register_fake
-def _(grad, out, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts, emb_grad):
+def _(grad, out, crow_indices, col_indices, values, emb, num_latents, act_range, latents, emb_grad):
     return torch.empty_like(grad), torch.empty_like(values), torch.empty_like(emb)
 
 
@@ -439,26 +420,25 @@ def _refine_setup_context(ctx, inputs, output):
 
 
 def _refine_autograd(ctx, grad):
-    scores_in, acts, emb, out, moments, act_range, shift, counts = ctx.saved_tensors
+    scores_in, acts, emb, out, act_range, latents = ctx.saved_tensors
     emb_grad = ctx.needs_input_grad[2]
     grad_scores, grad_acts, grad_emb = torch.ops.monoloss_kernels.refine_loss_scores_backward(
-        grad, out, acts, emb, moments, act_range, shift, counts, emb_grad)
-    return grad_scores, grad_acts, grad_emb if emb_grad else None, None, None, None, None
+        grad, out, acts, emb, latents, emb_grad)
+    return grad_scores, grad_acts, grad_emb if emb_grad else None, None, None
 
 
 def _refine_csr_setup_context(ctx, inputs, output):
-    scores, crow_indices, col_indices, values, emb, num_latents, moments, act_range, shift, counts = inputs
+    scores, crow_indices, col_indices, values, emb, num_latents, act_range, latents = inputs
     ctx.num_latents = num_latents
-    ctx.save_for_backward(crow_indices, col_indices, values, emb, output, moments, act_range, shift, counts)
+    ctx.save_for_backward(crow_indices, col_indices, values, emb, output, act_range, latents)
 
 
 def _refine_csr_autograd(ctx, grad):
-    crow_indices, col_indices, values, emb, out, moments, act_range, shift, counts = ctx.saved_tensors
+    crow_indices, col_indices, values, emb, out, act_range, latents = ctx.saved_tensors
     emb_grad = ctx.needs_input_grad[4]
     grad_scores, grad_values, grad_emb = torch.ops.monoloss_kernels.refine_loss_scores_csr_backward(
-        grad, out, crow_indices, col_indices, values, emb, ctx.num_latents, moments, act_range, shift, counts,
-        emb_grad)
-    return grad_scores, None, None, grad_values, grad_emb if emb_grad else None, None, None, None, None, None
+        grad, out, crow_indices, col_indices, values, emb, ctx.num_latents, act_range, latents, emb_grad)
+    return grad_scores, None, None, grad_values, grad_emb if emb_grad else None, None, None, None
 
 
 torch.library.register_autograd("monoloss_kernels::refine_loss_scores", _refine_autograd,
@@ -467,11 +447,12 @@ torch.library.register_autograd("monoloss_kernels::refine_loss_scores_csr", _ref
                                 setup_context=_refine_csr_setup_context)
 
 
-def refine_loss(scores: Tensor, acts, emb: Tensor, stats: MonoScoreStats) -> Tensor:
-    """`scores` = finalize(stats) of (acts, emb) with the ill-conditioned latents refined
-    (the ops above): differentiable in scores, acts (or its values) and emb."""
-    rest = (stats.moments.detach(), stats.act_range.detach(), stats.shift.detach(), stats.counts.detach())
+def refine_loss(scores: Tensor, acts, emb: Tensor, act_range: Tensor, latents: Tensor) -> Tensor:
+    """`scores` = finalize(stats) of (acts, emb) with `latents` (the ill-conditioned ones;
+    act_range the statistics') refined by the ops above: differentiable in scores, acts
+    (or its values) and emb."""
     if isinstance(acts, CsrActs):
         return torch.ops.monoloss_kernels.refine_loss_scores_csr(
-            scores, acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents, *rest)
-    return torch.ops.monoloss_kernels.refine_loss_scores(scores, acts, emb, *rest)
+            scores, acts.crow_indices, acts.col_indices, acts.values, emb, acts.num_latents, act_range.detach(),
+            latents)
+    return torch.ops.monoloss_kernels.refine_loss_scores(scores, acts, emb, act_range.detach(), latents)

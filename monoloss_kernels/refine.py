@@ -70,12 +70,19 @@ def ill_conditioned_latents(stats: MonoScoreStats) -> Tensor:
 
 def refine_ill_conditioned(scores: Tensor, acts: Tensor | CsrActs, emb: Tensor, stats: MonoScoreStats) -> Tensor:
     """`scores` (from `finalize(stats)`) with the ill-conditioned latents replaced by
-    their exact float64 scores, rounded to scores' dtype; a new tensor, inputs unchanged."""
+    their exact float64 scores, rounded to scores' dtype; a new tensor, inputs unchanged
+    (`scores` itself where no latent is ill-conditioned)."""
     latents = ill_conditioned_latents(stats)
     if latents.numel() == 0:
         return scores
+    return refine_latents(scores, acts, emb, stats.act_range, latents)
+
+
+def refine_latents(scores: Tensor, acts: Tensor | CsrActs, emb: Tensor, act_range: Tensor, latents: Tensor) -> Tensor:
+    """`scores` with `latents` (int64 indices, act_range (2, M) their min and max among
+    all) replaced by their exact float64 scores, rounded to scores' dtype; a new tensor."""
     entries = csr_entries(acts, latents) if isinstance(acts, CsrActs) else dense_entries(acts, latents)
-    exact = torch.ops.monoloss_kernels.deflated_scores(*entries, stats.act_range[:, latents], emb.detach())
+    exact = torch.ops.monoloss_kernels.deflated_scores(*entries, act_range[:, latents], emb.detach())
     return scores.index_copy(0, latents, exact.to(scores.dtype))
 
 

@@ -6,6 +6,7 @@ import torch
 
 import monoloss_kernels as mk
 from monoloss_kernels import _autograd, _extension
+from monoloss_kernels.refine import ill_conditioned_latents
 from monoloss_kernels.stats import MonoScoreStats, finalize
 
 from .helpers import DEVICES, densify, free_port, make_acts, make_emb, make_topk, seed_of
@@ -751,8 +752,9 @@ def _refine_op_inputs():
     acts = make_acts("dominant", 40, 12, gen).float()[:, [0, 1, 2, 3, 4, 5, 6, 8, 9, 11]]
     emb = make_emb("plain", 40, 6, gen).float()
     stats = stats_function("torch", emb.device)(acts, emb)
-    rest = (stats.moments, stats.act_range, stats.shift, stats.counts)
-    return finalize(stats).detach(), acts, emb, rest
+    latents = ill_conditioned_latents(stats)
+    assert latents.numel() > 0  # the op's refinement is exercised, not only its pass-through
+    return finalize(stats).detach(), acts, emb, (stats.act_range, latents)
 
 
 def test_opcheck_refine_loss_scores():
@@ -765,8 +767,8 @@ def test_opcheck_refine_loss_scores():
 
 
 def test_refine_loss_scores_compiles_fullgraph():
-    """The refinement is opaque to torch.compile (its data-dependent latent selection runs
-    inside the op and its backward op): one graph, the eager values and gradients."""
+    """The refinement is opaque to torch.compile (its data-dependent gathers of the latents'
+    entries run inside the op and its backward op): one graph, the eager values and gradients."""
     scores, acts, emb, rest = _refine_op_inputs()
 
     def loss(s, a):
