@@ -268,8 +268,14 @@ def _sparse_to_csr(acts: Tensor, num_latents, emb_dim) -> CsrActs:
         rows, cols = acts._indices()
         _check_index_range("acts row indices", rows, num_rows, bound_name="N")
         _check_index_range("acts column indices", cols, num_latents)
+        flagged_coalesced = acts.is_coalesced()
         acts = acts.coalesce()  # repeated coordinates add up, as in acts.to_dense()
         rows, cols = acts.indices()
+        # coalesce() returns a tensor built with is_coalesced=True as it is, and torch
+        # does not check that flag: unsorted or repeated indices would then pass as rows.
+        if flagged_coalesced and bool(((rows * num_columns + cols).diff() <= 0).any()):
+            raise ValueError("acts is flagged coalesced (is_coalesced=True) but its indices are not sorted and "
+                             "distinct; build it without is_coalesced=True and it is coalesced here")
         bounds = torch.arange(num_rows + 1, device=acts.device, dtype=rows.dtype)
         crow = torch.searchsorted(rows, bounds)  # coalesced rows are sorted
         return CsrActs(crow, cols, acts.values(), num_latents)

@@ -186,6 +186,20 @@ def test_uncoalesced_coo_adds_up(backend_device):
     check_scores(mk.monoscore(coo, emb, backend=backend), densify(values, indices, 10), emb, torch.float32)
 
 
+def test_coo_falsely_flagged_coalesced_raises():
+    """torch trusts is_coalesced=True without looking, and coalesce() then leaves the
+    indices as they are: unsorted ones are refused as such, not misread as rows."""
+    gen = torch.Generator().manual_seed(41)
+    values, indices = make_topk("relu", 40, 10, 3, gen)
+    rows = torch.arange(40).repeat_interleave(3)
+    shuffle = torch.randperm(rows.numel(), generator=gen)
+    coords = torch.stack([rows, indices.flatten()])[:, shuffle]
+    bad = torch.sparse_coo_tensor(coords, values.flatten()[shuffle].float(), (40, 10), is_coalesced=True)
+    with pytest.raises(ValueError, match=r"acts is flagged coalesced \(is_coalesced=True\) but its indices are not "
+                                         r"sorted and distinct"):
+        mk.monoscore(bad, make_emb("plain", 40, 6, gen).float())
+
+
 def test_malformed_csr_raises():
     """torch builds CSR tensors without checking them; monoscore checks the row offsets."""
     values, indices, emb = _good_topk()
