@@ -374,14 +374,17 @@ def _run_bench(args, extra) -> int:
             f"`pip install --no-build-isolation -e .`, then run `monoloss-kernels bench` (or `pytest benchmarks/ "
             f"--benchmark-only`) there"
         )
-    # Timings need one process: under pytest-xdist (installed, and switched on by a config's addopts
-    # or an enclosing xdist run's environment) pytest-benchmark disables itself and refuses --benchmark-only.
+    # Timings need one process: under pytest-xdist pytest-benchmark disables itself and refuses
+    # --benchmark-only. `-p no:xdist` covers a config's addopts; an enclosing xdist run (this command
+    # started from a test under `pytest -n`) also leaves PYTEST_XDIST_WORKER in the environment,
+    # which pytest-benchmark reads as 'xdist is on' (the H200 run 8 failed so).
     command = [sys.executable, "-m", "pytest", "-p", "no:xdist", str(bench_dir), "--benchmark-only"]
     if args.profile is not None:
         command += ["--profile", args.profile]
     command += [a for a in extra if a != "--"]
     print("running: " + " ".join(command), file=sys.stderr)
-    return subprocess.call(command, cwd=bench_dir.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    return subprocess.call(command, cwd=bench_dir.parent, env=env)
 
 
 # --------------------------------------------------------------------------- entry

@@ -411,12 +411,13 @@ def test_bench_runs_the_benchmark_suite():
 
 def test_bench_passes_arguments_through(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 5)
+    monkeypatch.setattr(cli.subprocess, "call", lambda command, cwd, env: calls.append((command, cwd, env)) or 5)
     assert cli.main(["bench", "--profile", "full", "-k", "topk", "--", "-x"]) == 5  # pytest's exit code
-    (command, cwd), = calls
+    (command, cwd, env), = calls
     assert command == [sys.executable, "-m", "pytest", "-p", "no:xdist", str(REPO / "benchmarks"), "--benchmark-only",
                        "--profile", "full", "-k", "topk", "-x"]
     assert Path(cwd) == REPO
+    assert not any(k.startswith("PYTEST_XDIST_") for k in env)
 
 
 def test_bench_without_the_repository(monkeypatch, tmp_path, capsys):

@@ -762,7 +762,10 @@ def test_opcheck_refine_loss_scores():
     torch.library.opcheck(torch.ops.monoloss_kernels.refine_loss_scores.default,
                           (scores.requires_grad_(), acts.requires_grad_(), emb, *rest))
     csr = acts.to_sparse_csr()
-    args = (scores, csr.crow_indices(), csr.col_indices(), csr.values().requires_grad_(), emb, 10, *rest)
+    # Copies, not the CSR tensor's views: torch 2.11's aot_dispatch_dynamic check fakifies a
+    # view's base and cannot fakify a sparse one (H200 run 8); the op takes plain tensors.
+    crow, cols, values = (t.clone() for t in (csr.crow_indices(), csr.col_indices(), csr.values()))
+    args = (scores, crow, cols, values.requires_grad_(), emb, 10, *rest)
     torch.library.opcheck(torch.ops.monoloss_kernels.refine_loss_scores_csr.default, args)
 
 

@@ -256,7 +256,7 @@ def test_recomputed_latent_whose_max_is_an_implicit_zero(backend_device):
     csr = dense.float().to_sparse_csr()
     emb = make_emb("zero_dup", n, d, gen).float()
     scores = mk.monoscore(csr.to(device), emb.to(device), backend=backend)
-    check_scores(scores, dense.float(), emb, torch.float32)
+    check_scores(scores, dense.float().to(device), emb.to(device), torch.float32)
 
 
 ISA_ORDER = ("baseline", "avx2", "avx512")
