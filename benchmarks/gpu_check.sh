@@ -9,13 +9,13 @@
 #   # first run of the fused GPU backward kernels (never run on a GPU yet): their tests + MonoLoss timings
 #   GPU_CHECK_TESTS="tests/test_autograd.py tests/test_backward.py tests/test_loss.py" \
 #     GPU_CHECK_BENCH=benchmarks/test_bench_monoloss.py GPU_CHECK_PROFILE=quick bash benchmarks/gpu_check.sh
-#   # next GPU session (never run on a GPU yet: the cuBLAS SGEMM statistics, the finalize_scores
-#   # kernels, the matmul-precision guard, the float64 recomputation of ill-conditioned latents
-#   # in MonoScore and MonoLoss, the float64 norms of extreme embedding rows):
-#   # their tests, then MonoScore and MonoLoss timings
-#   GPU_CHECK_TESTS="tests/test_monoscore.py tests/test_sparse.py tests/test_refine.py tests/test_loss.py tests/test_ops.py tests/test_validate.py" GPU_CHECK_TESTS_S=240 \
+#   # run 8 (results/NVIDIA-H200/run8-suite, 348 s): the whole suite, then MonoScore and MonoLoss timings
+#   GPU_CHECK_TESTS=tests GPU_CHECK_TESTS_S=240 \
 #     GPU_CHECK_BENCH="benchmarks/test_bench_monoscore.py benchmarks/test_bench_monoloss.py" \
-#     GPU_CHECK_PROFILE=quick GPU_CHECK_BENCH_S=240 bash benchmarks/gpu_check.sh
+#     GPU_CHECK_PROFILE=quick GPU_CHECK_BENCH_S=170 bash benchmarks/gpu_check.sh
+#   # next: where the SAE step's MonoLoss time goes (the refinement's backward, run 8's README)
+#   GPU_CHECK_PROBE=1 GPU_CHECK_PROBE_ARGS=--profile-loss GPU_CHECK_BENCH=benchmarks/test_bench_monoloss.py \
+#     GPU_CHECK_PROFILE=quick GPU_CHECK_BENCH_S=120 bash benchmarks/gpu_check.sh
 #
 # Everything worth keeping lands in $OUT (default benchmarks/results/gpu-run):
 # steps.txt, bench.log, benchmark.json (pytest-benchmark's own) and <device>/ with
