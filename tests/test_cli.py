@@ -410,6 +410,8 @@ def test_bench_runs_the_benchmark_suite():
 
 
 def test_bench_passes_arguments_through(monkeypatch):
+    # As in a test under `pytest -n`: pytest-benchmark would read this as xdist on.
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda command, cwd, env: calls.append((command, cwd, env)) or 5)
     assert cli.main(["bench", "--profile", "full", "-k", "topk", "--", "-x"]) == 5  # pytest's exit code
